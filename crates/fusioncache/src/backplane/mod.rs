@@ -1,0 +1,126 @@
+//! The backplane: a slim message bus that tells every other node *that* a key changed.
+//!
+//! A [`Backplane`] moves opaque payloads on named channels and reports its connection state; it knows
+//! nothing of caches. The cache encodes [`BackplaneMessage`]s (the FusionCache wire format), ignores its own,
+//! and applies the others to its L1. Transports:
+//!
+//! - [`MemoryBackplane`]: in-process, for tests, demos and single-process setups (always available);
+//! - `RedisBackplane` (feature `redis`): Redis pub/sub;
+//! - `NatsBackplane` (feature `nats`): NATS core subjects.
+//!
+//! Transports own reconnection: a [`Subscription`] lives across connection losses and yields
+//! [`BackplaneEvent::Connected`] / [`BackplaneEvent::Disconnected`] as they happen, so the cache can mark
+//! its L1 stale and replay queued notifications.
+
+mod memory;
+mod message;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+pub use memory::MemoryBackplane;
+pub use message::{now_ticks, Action, BackplaneMessage, DecodeError, UNIX_EPOCH_TICKS, WIRE_FORMAT_VERSION};
+
+/// The suffix of every channel name; it carries the wire-format family (`v2` as in FusionCache v2).
+pub const CHANNEL_SUFFIX: &str = ".Backplane:v2";
+
+/// The backplane channel of a cache: `{prefix}.Backplane:v2`, where prefix is the channel prefix, else the
+/// cache name, else `FusionCache`.
+///
+/// ```
+/// use fusioncache::backplane::channel_name;
+/// assert_eq!(channel_name(None, Some("products")), "products.Backplane:v2");
+/// assert_eq!(channel_name(Some("shop.prod.products"), Some("products")), "shop.prod.products.Backplane:v2");
+/// assert_eq!(channel_name(None, None), "FusionCache.Backplane:v2");
+/// ```
+pub fn channel_name(channel_prefix: Option<&str>, cache_name: Option<&str>) -> String {
+    let prefix = channel_prefix
+        .filter(|p| !p.is_empty())
+        .or(cache_name.filter(|n| !n.is_empty()))
+        .unwrap_or(crate::DEFAULT_CACHE_NAME);
+    format!("{prefix}{CHANNEL_SUFFIX}")
+}
+
+/// An error of a backplane transport.
+#[derive(Debug, thiserror::Error)]
+pub enum BackplaneError {
+    /// The channel name cannot be used on this transport (e.g. not a valid NATS subject).
+    #[error("invalid backplane channel `{channel}`: {reason}")]
+    InvalidChannel {
+        /// The channel.
+        channel: String,
+        /// Why.
+        reason: String,
+    },
+    /// The transport is not connected; the publish was not sent.
+    #[error("backplane not connected")]
+    NotConnected,
+    /// The transport failed (network, protocol, server error).
+    #[error("backplane transport error: {0}")]
+    Transport(String),
+    /// The transport configuration is invalid (URL, credentials, TLS).
+    #[error("backplane configuration error: {0}")]
+    Config(String),
+}
+
+/// Something a subscription reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackplaneEvent {
+    /// The subscription is (again) active: messages published from now on will arrive.
+    Connected,
+    /// The connection was lost: messages published until the next `Connected` may be missed.
+    Disconnected {
+        /// What the transport said.
+        reason: String,
+    },
+    /// A payload published by some node (possibly this one).
+    Message(Bytes),
+}
+
+/// The receiving end of a subscription to one channel. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    events: mpsc::Receiver<BackplaneEvent>,
+}
+
+impl Subscription {
+    /// A subscription fed by `events`; transports keep the sender.
+    pub fn new(events: mpsc::Receiver<BackplaneEvent>) -> Self {
+        Self { events }
+    }
+
+    /// The next event, or `None` when the transport is gone.
+    pub async fn next(&mut self) -> Option<BackplaneEvent> {
+        self.events.recv().await
+    }
+}
+
+/// A message bus carrying opaque payloads on named channels.
+///
+/// Implementations are cheap to share (`Arc`), let several caches of a process share one connection, and
+/// own reconnection. A `subscribe` call registers the channel and returns at once; the subscription's first
+/// event says when it is active.
+pub trait Backplane: Send + Sync + 'static {
+    /// Subscribes to `channel`. Fails only for a channel name the transport cannot use.
+    fn subscribe(&self, channel: &str) -> Result<Subscription, BackplaneError>;
+
+    /// Publishes `payload` on `channel`. An error means the payload was not sent (the cache queues it).
+    fn publish<'a>(&'a self, channel: &'a str, payload: Bytes) -> BoxFuture<'a, Result<(), BackplaneError>>;
+
+    /// Checks a channel name before use; the default accepts any.
+    fn validate_channel(&self, channel: &str) -> Result<(), BackplaneError> {
+        let _ = channel;
+        Ok(())
+    }
+
+    /// A short name of the transport for logs and events (`memory`, `redis`, `nats`).
+    fn transport_name(&self) -> &'static str;
+}
+
+/// Capacity of the event queue of one subscription.
+pub(crate) const SUBSCRIPTION_BUFFER: usize = 8192;

@@ -1,0 +1,237 @@
+//! Building a cache.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{watch, Semaphore};
+
+use crate::backplane::{channel_name, Backplane};
+use crate::cache::{BackplaneState, FusionCache, Inner, KeyLocks, L2Layer};
+use crate::entry::UsableFor;
+use crate::error::Error;
+use crate::events::{CacheEvent, EventListener, Telemetry};
+use crate::l2::DistributedCache;
+use crate::options::{CacheOptions, EntryOptions};
+use crate::recovery::{CircuitBreaker, Notifier};
+use crate::serializer::{JsonSerializer, Serializer};
+
+/// Builds a [`FusionCache`]: name, L1 capacity, default entry options, L2, backplane, listeners.
+///
+/// ```
+/// use std::time::Duration;
+/// use fusioncache::{EntryOptions, FusionCache, backplane::MemoryBackplane, l2::MemoryDistributedCache};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), fusioncache::Error> {
+/// let cache: FusionCache<String> = FusionCache::builder()
+///     .name("products")
+///     .channel_prefix("shop.prod.products")
+///     .max_capacity(10_000)
+///     .l1_max_duration(Duration::from_secs(300))
+///     .default_entry_options(EntryOptions::new().duration(Duration::from_secs(60)).fail_safe(true))
+///     .distributed_cache(MemoryDistributedCache::new())
+///     .backplane(MemoryBackplane::new())
+///     .build()?;
+/// assert_eq!(cache.channel(), "shop.prod.products.Backplane:v2");
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct FusionCacheBuilder<V> {
+    options: CacheOptions,
+    entry_options: EntryOptions,
+    l2: Option<(Arc<dyn DistributedCache>, Arc<dyn Serializer<V>>)>,
+    backplane: Option<Arc<dyn Backplane>>,
+    listeners: Vec<EventListener>,
+}
+
+impl<V> Default for FusionCacheBuilder<V>
+where
+    V: Clone + Send + Sync + 'static,
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<V> FusionCacheBuilder<V>
+where
+    V: Clone + Send + Sync + 'static,
+{
+    /// A builder with the defaults: name `FusionCache`, 100 000 L1 entries, no L2, no backplane.
+    pub fn new() -> Self {
+        Self {
+            options: CacheOptions::default(),
+            entry_options: EntryOptions::default(),
+            l2: None,
+            backplane: None,
+            listeners: Vec::new(),
+        }
+    }
+
+    /// The cache name (the default channel prefix).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.options.name = name.into();
+        self
+    }
+
+    /// Overrides the cache name as the prefix of the backplane channel (e.g. to separate environments
+    /// sharing one Redis).
+    pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.options.channel_prefix = Some(prefix.into()).filter(|p: &String| !p.is_empty());
+        self
+    }
+
+    /// The most entries L1 holds.
+    pub fn max_capacity(mut self, entries: u64) -> Self {
+        self.options.l1_max_capacity = entries;
+        self
+    }
+
+    /// A hard cap on every L1 freshness: bounds what a silently lost notification can cost.
+    pub fn l1_max_duration(mut self, cap: Duration) -> Self {
+        self.options.l1_max_duration = Some(cap);
+        self
+    }
+
+    /// The entry options of operations given none.
+    pub fn default_entry_options(mut self, options: EntryOptions) -> Self {
+        self.entry_options = options;
+        self
+    }
+
+    /// Whether a reconnection marks every L1 entry stale (default `true`).
+    pub fn mark_stale_on_reconnect(mut self, enabled: bool) -> Self {
+        self.options.mark_stale_on_reconnect = enabled;
+        self
+    }
+
+    /// While the backplane is down, L1 entries older than this are revalidated before being served
+    /// (default zero: every read while disconnected checks L2 first).
+    pub fn disconnected_l1_max_age(mut self, age: Duration) -> Self {
+        self.options.disconnected_l1_max_age = age;
+        self
+    }
+
+    /// The most notifications queued while the backplane is unreachable (default 10 000).
+    pub fn auto_recovery_max_items(mut self, items: usize) -> Self {
+        self.options.auto_recovery_max_items = items.max(1);
+        self
+    }
+
+    /// How long publishes skip the transport after a failed one (default 1 s).
+    pub fn backplane_circuit_breaker_duration(mut self, duration: Duration) -> Self {
+        self.options.backplane_circuit_breaker_duration = duration;
+        self
+    }
+
+    /// How long L2 is skipped after an error (default zero: never skipped).
+    pub fn l2_circuit_breaker_duration(mut self, duration: Duration) -> Self {
+        self.options.l2_circuit_breaker_duration = duration;
+        self
+    }
+
+    /// The whole set of cache options at once.
+    pub fn options(mut self, options: CacheOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// A distributed cache (L2), with values serialized as JSON.
+    pub fn distributed_cache(self, l2: impl DistributedCache) -> Self
+    where
+        V: Serialize + DeserializeOwned,
+    {
+        self.distributed_cache_with_serializer(Arc::new(l2), Arc::new(JsonSerializer::<V>::new()))
+    }
+
+    /// A distributed cache (L2) shared with other caches, with an explicit serializer.
+    pub fn distributed_cache_with_serializer(
+        mut self,
+        l2: Arc<dyn DistributedCache>,
+        serializer: Arc<dyn Serializer<V>>,
+    ) -> Self {
+        self.l2 = Some((l2, serializer));
+        self
+    }
+
+    /// A backplane.
+    pub fn backplane(self, backplane: impl Backplane) -> Self {
+        self.shared_backplane(Arc::new(backplane))
+    }
+
+    /// A backplane shared with other caches of the process (one connection for all).
+    pub fn shared_backplane(mut self, backplane: Arc<dyn Backplane>) -> Self {
+        self.backplane = Some(backplane);
+        self
+    }
+
+    /// Calls `listener` with every event of the cache. Keep it fast: it runs inline.
+    pub fn on_event(mut self, listener: impl Fn(&CacheEvent<'_>) + Send + Sync + 'static) -> Self {
+        self.listeners.push(Arc::new(listener));
+        self
+    }
+
+    /// Builds the cache. With a backplane, this must run inside a Tokio runtime (it starts the receive
+    /// task) and fails when the transport rejects the channel name.
+    pub fn build(self) -> Result<FusionCache<V>, Error> {
+        let options = self.options;
+        let channel = channel_name(options.channel_prefix.as_deref(), Some(&options.name));
+        let instance_id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        let telemetry = Arc::new(Telemetry::new(self.listeners));
+        let l1 = moka::sync::Cache::builder()
+            .max_capacity(options.l1_max_capacity)
+            .expire_after(UsableFor)
+            .build();
+        let l2 = self.l2.map(|(store, serializer)| L2Layer {
+            store,
+            serializer,
+            breaker: CircuitBreaker::new(options.l2_circuit_breaker_duration),
+        });
+        let subscription = match &self.backplane {
+            Some(backplane) => {
+                tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+                backplane.validate_channel(&channel)?;
+                Some(backplane.subscribe(&channel)?)
+            }
+            None => None,
+        };
+        let notifier = self.backplane.map(|backplane| {
+            Arc::new(Notifier::new(
+                backplane,
+                channel.clone(),
+                instance_id.clone(),
+                options.backplane_circuit_breaker_duration,
+                options.auto_recovery_max_items,
+                telemetry.clone(),
+            ))
+        });
+        let initial = if notifier.is_some() {
+            BackplaneState::Connecting
+        } else {
+            BackplaneState::Disabled
+        };
+        let inner = Arc::new(Inner {
+            refreshes: Arc::new(Semaphore::new(options.max_concurrent_refreshes.max(1))),
+            options,
+            default_entry_options: self.entry_options,
+            instance_id,
+            channel,
+            l1,
+            l2,
+            notifier,
+            stale_epoch: AtomicU64::new(0),
+            backplane_down: AtomicBool::new(false),
+            telemetry,
+            key_locks: KeyLocks::default(),
+            state: watch::Sender::new(initial),
+            receiver: Mutex::new(None),
+        });
+        if let Some(subscription) = subscription {
+            let task = crate::receiver::spawn(&inner, subscription);
+            *inner.receiver.lock().expect("receiver lock") = Some(task);
+        }
+        Ok(FusionCache { inner })
+    }
+}

@@ -1,0 +1,622 @@
+//! The injected configuration: the contract between the operator and the library.
+//!
+//! The operator writes, for every `FusionCache` resource, a ConfigMap holding a `fusioncache.yaml` (this
+//! module's [`FusionCacheConfig`], serialized) and the same values as `FUSIONCACHE_*` environment variables,
+//! plus a Secret with the credentials shaped as a [Service Binding](https://servicebinding.io) (`type`,
+//! `provider` and one file per value).
+//!
+//! A service loads it with one call, [`FusionCacheConfig::load`], which merges, from highest to lowest
+//! precedence:
+//!
+//! 1. environment variables (`FUSIONCACHE_CACHE_NAME`, …, see [`env`]),
+//! 2. the Service Binding directory `$SERVICE_BINDING_ROOT/<name>` whose `type` file says `fusioncache`,
+//! 3. the YAML file named by `FUSIONCACHE_CONFIG`.
+//!
+//! Values set explicitly on the cache builder win over all of them.
+//!
+//! ```
+//! use fusioncache::config::{BackplaneKind, FusionCacheConfig};
+//!
+//! let yaml = "cacheName: products\nchannelPrefix: shop.prod.products\nbackplane: memory\n";
+//! let config = FusionCacheConfig::from_yaml(yaml).unwrap();
+//! assert_eq!(config.cache_name.as_deref(), Some("products"));
+//! assert_eq!(config.backplane, Some(BackplaneKind::Memory));
+//! assert_eq!(config.channel().unwrap(), "shop.prod.products.Backplane:v2");
+//!
+//! // Unknown keys are an error that names the key.
+//! let err = FusionCacheConfig::from_yaml("cacheName: a\nchanelPrefix: typo\n").unwrap_err();
+//! assert!(err.to_string().contains("chanelPrefix"));
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backplane::channel_name;
+
+/// Names of the environment variables the library reads (and the operator writes).
+pub mod env {
+    /// Path of a `fusioncache.yaml` file.
+    pub const CONFIG: &str = "FUSIONCACHE_CONFIG";
+    /// The cache name.
+    pub const CACHE_NAME: &str = "FUSIONCACHE_CACHE_NAME";
+    /// The channel prefix that overrides the cache name in the backplane channel.
+    pub const CHANNEL_PREFIX: &str = "FUSIONCACHE_CHANNEL_PREFIX";
+    /// `redis`, `nats`, `memory` or `none`.
+    pub const BACKPLANE: &str = "FUSIONCACHE_BACKPLANE";
+    /// `redis`, `memory` or `none`: the distributed (L2) cache.
+    pub const DISTRIBUTED_CACHE: &str = "FUSIONCACHE_DISTRIBUTED_CACHE";
+    /// Redis URL (`redis://host:port` or `rediss://` for TLS).
+    pub const REDIS_URL: &str = "FUSIONCACHE_REDIS_URL";
+    /// Redis database index.
+    pub const REDIS_DATABASE: &str = "FUSIONCACHE_REDIS_DATABASE";
+    /// Redis ACL user name.
+    pub const REDIS_USERNAME: &str = "FUSIONCACHE_REDIS_USERNAME";
+    /// Redis password.
+    pub const REDIS_PASSWORD: &str = "FUSIONCACHE_REDIS_PASSWORD";
+    /// Prefix of every L2 key.
+    pub const KEY_PREFIX: &str = "FUSIONCACHE_KEY_PREFIX";
+    /// NATS server URL(s), comma separated.
+    pub const NATS_URL: &str = "FUSIONCACHE_NATS_URL";
+    /// Path of a NATS `.creds` file.
+    pub const NATS_CREDENTIALS: &str = "FUSIONCACHE_NATS_CREDENTIALS";
+    /// Root of the Service Binding directories.
+    pub const SERVICE_BINDING_ROOT: &str = "SERVICE_BINDING_ROOT";
+
+    /// Every `FUSIONCACHE_*` key that carries a value (all but [`CONFIG`]).
+    pub const VALUE_KEYS: [&str; 11] = [
+        CACHE_NAME,
+        CHANNEL_PREFIX,
+        BACKPLANE,
+        DISTRIBUTED_CACHE,
+        REDIS_URL,
+        REDIS_DATABASE,
+        REDIS_USERNAME,
+        REDIS_PASSWORD,
+        KEY_PREFIX,
+        NATS_URL,
+        NATS_CREDENTIALS,
+    ];
+}
+
+/// The Service Binding `type` of a FusionCache binding.
+pub const BINDING_TYPE: &str = "fusioncache";
+/// The file name of the YAML configuration in the operator's ConfigMap.
+pub const CONFIG_FILE_NAME: &str = "fusioncache.yaml";
+
+/// Which backplane transport a cache uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackplaneKind {
+    /// Redis pub/sub.
+    Redis,
+    /// NATS core subjects.
+    Nats,
+    /// The in-process backplane (single process, tests and demos).
+    Memory,
+    /// No backplane: a single node, or nodes that accept staleness until expiry.
+    None,
+}
+
+/// Which distributed (L2) cache a cache uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistributedCacheKind {
+    /// Redis, on the configured URL and database.
+    Redis,
+    /// An in-process L2 (tests and demos).
+    Memory,
+    /// L1 only.
+    None,
+}
+
+macro_rules! kind_from_str {
+    ($ty:ty, $key:expr, [$($text:literal => $variant:expr),+]) => {
+        impl FromStr for $ty {
+            type Err = ConfigError;
+            fn from_str(s: &str) -> Result<Self, ConfigError> {
+                match s.trim().to_ascii_lowercase().as_str() {
+                    $($text => Ok($variant),)+
+                    other => Err(ConfigError::invalid(
+                        $key,
+                        format!("`{other}` is not one of {}", [$($text),+].join(", ")),
+                    )),
+                }
+            }
+        }
+    };
+}
+kind_from_str!(BackplaneKind, env::BACKPLANE, ["redis" => BackplaneKind::Redis, "nats" => BackplaneKind::Nats, "memory" => BackplaneKind::Memory, "none" => BackplaneKind::None]);
+kind_from_str!(DistributedCacheKind, env::DISTRIBUTED_CACHE, ["redis" => DistributedCacheKind::Redis, "memory" => DistributedCacheKind::Memory, "none" => DistributedCacheKind::None]);
+
+/// Redis connection settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port` or `rediss://host:port` (TLS). Credentials may be inline or below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Database index (`SELECT`), 0 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<u32>,
+    /// ACL user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password (kept in a Secret by the operator, never in the ConfigMap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// NATS connection settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://host:port` (or `tls://`), several separated by commas. User/password or token may be inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Path of a `.creds` file (JWT + NKey seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<String>,
+}
+
+/// The injected configuration of one cache: what `fusioncache.yaml` holds.
+///
+/// Every field is optional so that sources can be layered; [`FusionCacheConfig::merge`] fills the gaps of
+/// one source from another.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FusionCacheConfig {
+    /// The cache name (default `FusionCache`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_name: Option<String>,
+    /// Overrides the cache name as the prefix of the backplane channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_prefix: Option<String>,
+    /// The backplane transport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backplane: Option<BackplaneKind>,
+    /// The distributed cache; defaults to Redis when a Redis URL is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed_cache: Option<DistributedCacheKind>,
+    /// Prefix of every L2 key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
+    /// Redis settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisConfig>,
+    /// NATS settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsConfig>,
+}
+
+/// An error in the injected configuration. It names the key (or file) and what was wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that does not parse or is out of range.
+    #[error("invalid configuration value for `{key}`: {reason}")]
+    Invalid {
+        /// The key (environment form or YAML path).
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A YAML document that does not match the schema (unknown key, wrong type).
+    #[error("invalid configuration in {source_name}: {message}")]
+    Yaml {
+        /// Where the document came from.
+        source_name: String,
+        /// The parser's message, which names the key.
+        message: String,
+    },
+    /// A file that could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A required value is missing for the chosen transport.
+    #[error("missing configuration: {0}")]
+    Missing(String),
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A source of string values by environment-variable name (the process environment, or a map in tests).
+pub trait ValueSource {
+    /// The value of `key`, if set and not empty.
+    fn value(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl ValueSource for ProcessEnv {
+    fn value(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl ValueSource for BTreeMap<String, String> {
+    fn value(&self, key: &str) -> Option<String> {
+        self.get(key).filter(|v| !v.is_empty()).cloned()
+    }
+}
+
+impl FusionCacheConfig {
+    /// Parses a `fusioncache.yaml` document; unknown keys and wrong types are errors naming the key.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_yaml_named(text, "YAML")
+    }
+
+    fn from_yaml_named(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let config: Self = serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a YAML file.
+    pub fn from_yaml_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml_named(&text, &path.display().to_string())
+    }
+
+    /// Serializes to the YAML the operator writes into its ConfigMap.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("the config type always serializes")
+    }
+
+    /// Reads the `FUSIONCACHE_*` keys from a value source (environment variables or a binding directory).
+    pub fn from_values(source: &dyn ValueSource) -> Result<Self, ConfigError> {
+        let get = |key: &str| source.value(key);
+        let mut redis = RedisConfig {
+            url: get(env::REDIS_URL),
+            database: None,
+            username: get(env::REDIS_USERNAME),
+            password: get(env::REDIS_PASSWORD),
+        };
+        if let Some(db) = get(env::REDIS_DATABASE) {
+            redis.database = Some(db.trim().parse().map_err(|_| {
+                ConfigError::invalid(
+                    env::REDIS_DATABASE,
+                    format!("`{db}` is not a database index (0 or a positive integer)"),
+                )
+            })?);
+        }
+        let nats = NatsConfig {
+            url: get(env::NATS_URL),
+            credentials: get(env::NATS_CREDENTIALS),
+        };
+        let config = Self {
+            cache_name: get(env::CACHE_NAME),
+            channel_prefix: get(env::CHANNEL_PREFIX),
+            backplane: get(env::BACKPLANE).map(|v| v.parse()).transpose()?,
+            distributed_cache: get(env::DISTRIBUTED_CACHE)
+                .map(|v| v.parse())
+                .transpose()?,
+            key_prefix: get(env::KEY_PREFIX),
+            redis: (redis != RedisConfig::default()).then_some(redis),
+            nats: (nats != NatsConfig::default()).then_some(nats),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The `FUSIONCACHE_*` environment variables equivalent to this config (what the operator writes into
+    /// its ConfigMap, less the password, which goes into the Secret).
+    pub fn to_env(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let mut put = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                out.insert(k.to_string(), v);
+            }
+        };
+        put(env::CACHE_NAME, self.cache_name.clone());
+        put(env::CHANNEL_PREFIX, self.channel_prefix.clone());
+        put(env::BACKPLANE, self.backplane.map(|k| k.as_str().to_string()));
+        put(
+            env::DISTRIBUTED_CACHE,
+            self.distributed_cache.map(|k| k.as_str().to_string()),
+        );
+        put(env::KEY_PREFIX, self.key_prefix.clone());
+        if let Some(r) = &self.redis {
+            put(env::REDIS_URL, r.url.clone());
+            put(env::REDIS_DATABASE, r.database.map(|d| d.to_string()));
+            put(env::REDIS_USERNAME, r.username.clone());
+            put(env::REDIS_PASSWORD, r.password.clone());
+        }
+        if let Some(n) = &self.nats {
+            put(env::NATS_URL, n.url.clone());
+            put(env::NATS_CREDENTIALS, n.credentials.clone());
+        }
+        out
+    }
+
+    /// Reads a Service Binding directory: a `type` file that must say `fusioncache`, and one file per
+    /// value, named by its key in either form (`FUSIONCACHE_REDIS_PASSWORD`, or the binding-spec style
+    /// `password`, `username`, `host`+`port`, `database`, `url`, `nats-url`, `channel-prefix`, …).
+    pub fn from_binding_dir(dir: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let dir = dir.as_ref();
+        let read = |name: &str| -> Result<Option<String>, ConfigError> {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(v) => Ok(Some(v.trim_end_matches(['\n', '\r']).to_string())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(ConfigError::Io { path, source }),
+            }
+        };
+        match read("type")? {
+            Some(t) if t.trim() == BINDING_TYPE => {}
+            Some(t) => {
+                return Err(ConfigError::invalid(
+                    dir.join("type").display().to_string(),
+                    format!("binding type is `{t}`, expected `{BINDING_TYPE}`"),
+                ))
+            }
+            None => {
+                return Err(ConfigError::Missing(format!(
+                    "{} has no `type` file",
+                    dir.display()
+                )))
+            }
+        }
+        let mut values = BTreeMap::new();
+        for key in env::VALUE_KEYS {
+            if let Some(v) = read(key)? {
+                values.insert(key.to_string(), v);
+            }
+        }
+        // The binding-spec style names, for the values that have one.
+        for (file, key) in BINDING_FILE_ALIASES {
+            if !values.contains_key(*key) {
+                if let Some(v) = read(file)? {
+                    values.insert(key.to_string(), v);
+                }
+            }
+        }
+        Self::from_values(&values)
+    }
+
+    /// Finds the FusionCache binding under `$SERVICE_BINDING_ROOT`: the only directory whose `type` is
+    /// `fusioncache`, or the one named `name` when given.
+    pub fn find_binding(root: impl AsRef<Path>, name: Option<&str>) -> Result<Option<Self>, ConfigError> {
+        let root = root.as_ref();
+        if let Some(name) = name {
+            return Self::from_binding_dir(root.join(name)).map(Some);
+        }
+        let entries = match std::fs::read_dir(root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ConfigError::Io {
+                    path: root.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let is_ours = std::fs::read_to_string(dir.join("type"))
+                .map(|t| t.trim() == BINDING_TYPE)
+                .unwrap_or(false);
+            if is_ours {
+                found.push(dir);
+            }
+        }
+        found.sort();
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] => Self::from_binding_dir(one).map(Some),
+            many => Err(ConfigError::invalid(
+                env::SERVICE_BINDING_ROOT,
+                format!(
+                    "{} bindings of type `{BINDING_TYPE}` found ({}); name one explicitly",
+                    many.len(),
+                    many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Loads the configuration of this process, merging environment variables over the Service Binding
+    /// over the `FUSIONCACHE_CONFIG` file.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(&ProcessEnv)
+    }
+
+    /// [`load`](Self::load) with an explicit source of environment variables.
+    pub fn load_from(source: &dyn ValueSource) -> Result<Self, ConfigError> {
+        let mut config = Self::from_values(source)?;
+        if let Some(root) = source.value(env::SERVICE_BINDING_ROOT) {
+            if let Some(binding) = Self::find_binding(root, None)? {
+                config = config.merge(binding);
+            }
+        }
+        if let Some(path) = source.value(env::CONFIG) {
+            config = config.merge(Self::from_yaml_file(path)?);
+        }
+        Ok(config)
+    }
+
+    /// Fills every value missing in `self` from `lower` (which has the lower precedence).
+    #[must_use]
+    pub fn merge(self, lower: Self) -> Self {
+        fn merge_redis(a: Option<RedisConfig>, b: Option<RedisConfig>) -> Option<RedisConfig> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(RedisConfig {
+                    url: a.url.or(b.url),
+                    database: a.database.or(b.database),
+                    username: a.username.or(b.username),
+                    password: a.password.or(b.password),
+                }),
+                (a, b) => a.or(b),
+            }
+        }
+        fn merge_nats(a: Option<NatsConfig>, b: Option<NatsConfig>) -> Option<NatsConfig> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(NatsConfig {
+                    url: a.url.or(b.url),
+                    credentials: a.credentials.or(b.credentials),
+                }),
+                (a, b) => a.or(b),
+            }
+        }
+        Self {
+            cache_name: self.cache_name.or(lower.cache_name),
+            channel_prefix: self.channel_prefix.or(lower.channel_prefix),
+            backplane: self.backplane.or(lower.backplane),
+            distributed_cache: self.distributed_cache.or(lower.distributed_cache),
+            key_prefix: self.key_prefix.or(lower.key_prefix),
+            redis: merge_redis(self.redis, lower.redis),
+            nats: merge_nats(self.nats, lower.nats),
+        }
+    }
+
+    /// Checks the values that can be checked without connecting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(name) = &self.cache_name {
+            if name.trim().is_empty() {
+                return Err(ConfigError::invalid("cacheName", "must not be blank"));
+            }
+        }
+        if let Some(r) = &self.redis {
+            if let Some(url) = &r.url {
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("redis+unix://")
+                    || url.starts_with("unix://"))
+                {
+                    return Err(ConfigError::invalid(
+                        "redis.url",
+                        format!("`{url}` must start with redis://, rediss:// or unix://"),
+                    ));
+                }
+            }
+        }
+        if let Some(n) = &self.nats {
+            if let Some(url) = &n.url {
+                if url.split(',').any(|u| u.trim().is_empty()) {
+                    return Err(ConfigError::invalid("nats.url", "contains an empty server URL"));
+                }
+            }
+        }
+        let needs = |kind: &str, present: bool| {
+            if present {
+                Ok(())
+            } else {
+                Err(ConfigError::Missing(format!(
+                    "backplane `{kind}` needs `{kind}.url` ({})",
+                    if kind == "redis" { env::REDIS_URL } else { env::NATS_URL }
+                )))
+            }
+        };
+        let redis_url = self.redis.as_ref().and_then(|r| r.url.as_ref()).is_some();
+        let nats_url = self.nats.as_ref().and_then(|n| n.url.as_ref()).is_some();
+        match self.backplane {
+            Some(BackplaneKind::Redis) => needs("redis", redis_url)?,
+            Some(BackplaneKind::Nats) => needs("nats", nats_url)?,
+            _ => {}
+        }
+        if self.distributed_cache == Some(DistributedCacheKind::Redis) {
+            needs("redis", redis_url)?;
+        }
+        Ok(())
+    }
+
+    /// The cache name, `FusionCache` when not configured.
+    pub fn cache_name_or_default(&self) -> &str {
+        self.cache_name.as_deref().unwrap_or(crate::DEFAULT_CACHE_NAME)
+    }
+
+    /// The backplane channel (and NATS subject) this configuration produces, per the channel naming rules.
+    pub fn channel(&self) -> Result<String, ConfigError> {
+        Ok(channel_name(
+            self.channel_prefix.as_deref(),
+            Some(self.cache_name_or_default()),
+        ))
+    }
+
+    /// The distributed cache this configuration selects: explicit, else Redis when a Redis URL is set.
+    pub fn effective_distributed_cache(&self) -> DistributedCacheKind {
+        self.distributed_cache.unwrap_or_else(|| {
+            if self.redis.as_ref().and_then(|r| r.url.as_ref()).is_some() {
+                DistributedCacheKind::Redis
+            } else {
+                DistributedCacheKind::None
+            }
+        })
+    }
+}
+
+/// Service Binding file names (binding-spec style) and the key each one stands for.
+const BINDING_FILE_ALIASES: &[(&str, &str)] = &[
+    ("cache-name", env::CACHE_NAME),
+    ("channel-prefix", env::CHANNEL_PREFIX),
+    ("backplane", env::BACKPLANE),
+    ("distributed-cache", env::DISTRIBUTED_CACHE),
+    ("key-prefix", env::KEY_PREFIX),
+    ("url", env::REDIS_URL),
+    ("database", env::REDIS_DATABASE),
+    ("username", env::REDIS_USERNAME),
+    ("password", env::REDIS_PASSWORD),
+    ("nats-url", env::NATS_URL),
+    ("nats-credentials", env::NATS_CREDENTIALS),
+];
+
+impl BackplaneKind {
+    /// The lowercase name used in YAML and environment variables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackplaneKind::Redis => "redis",
+            BackplaneKind::Nats => "nats",
+            BackplaneKind::Memory => "memory",
+            BackplaneKind::None => "none",
+        }
+    }
+}
+
+impl DistributedCacheKind {
+    /// The lowercase name used in YAML and environment variables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DistributedCacheKind::Redis => "redis",
+            DistributedCacheKind::Memory => "memory",
+            DistributedCacheKind::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for BackplaneKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for DistributedCacheKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,50 @@
+//! The distributed (L2) cache: a byte store with TTL shared by every node.
+//!
+//! [`DistributedCache`] is the trait; [`MemoryDistributedCache`] is an in-process implementation (tests,
+//! demos) and `RedisDistributedCache` (feature `redis`) the production one. The cache stores each value in
+//! an envelope that carries its metadata (logical expiry, fail-safe window, write timestamp), so that a node
+//! reading it from L2 knows how fresh it is.
+
+mod envelope;
+mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+use std::time::Duration;
+
+pub(crate) use envelope::{unix_ms_now as l2_envelope_now_ms, L2Envelope};
+pub use memory::MemoryDistributedCache;
+
+/// An error of a distributed cache.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum L2Error {
+    /// The store could not be reached or answered with an error.
+    #[error("distributed cache unavailable: {0}")]
+    Unavailable(String),
+    /// A stored entry is not in the expected format.
+    #[error("distributed cache entry for `{key}` is corrupt: {reason}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The circuit breaker is open after recent errors; L2 is skipped for now.
+    #[error("distributed cache circuit breaker is open")]
+    CircuitOpen,
+}
+
+/// A byte store with per-entry TTL, shared by every node of a cache.
+///
+/// Keys are the cache keys; an implementation may add its own prefix.
+#[async_trait::async_trait]
+pub trait DistributedCache: Send + Sync + 'static {
+    /// The bytes stored at `key`, if any and not expired.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, L2Error>;
+    /// Stores `value` at `key` for `ttl`.
+    async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), L2Error>;
+    /// Removes `key`.
+    async fn remove(&self, key: &str) -> Result<(), L2Error>;
+    /// Removes every key of this cache (those under its prefix).
+    async fn clear(&self) -> Result<(), L2Error>;
+}

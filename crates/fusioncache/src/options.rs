@@ -1,0 +1,243 @@
+//! Options of a cache and of its entries.
+
+use std::time::Duration;
+
+/// How one entry is cached: durations, fail-safe, timeouts, and which layers an operation touches.
+///
+/// Built by chaining, starting from [`EntryOptions::new`] (or the cache's defaults, which every operation
+/// uses unless given its own):
+///
+/// ```
+/// use std::time::Duration;
+/// use fusioncache::EntryOptions;
+///
+/// let options = EntryOptions::new()
+///     .duration(Duration::from_secs(60))
+///     .fail_safe(true)
+///     .fail_safe_max_duration(Duration::from_secs(3600))
+///     .factory_soft_timeout(Duration::from_millis(100))
+///     .jitter_max(Duration::from_secs(5));
+/// assert!(options.is_fail_safe_enabled());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryOptions {
+    pub(crate) duration: Duration,
+    pub(crate) l1_duration: Option<Duration>,
+    pub(crate) fail_safe: bool,
+    pub(crate) fail_safe_max_duration: Duration,
+    pub(crate) fail_safe_throttle_duration: Duration,
+    pub(crate) jitter_max: Duration,
+    pub(crate) skip_l2: bool,
+    pub(crate) skip_backplane_notifications: bool,
+    pub(crate) factory_soft_timeout: Option<Duration>,
+    pub(crate) factory_hard_timeout: Option<Duration>,
+    pub(crate) background_factory_completion: bool,
+    pub(crate) background_l2_operations: bool,
+    pub(crate) background_backplane_operations: bool,
+}
+
+impl Default for EntryOptions {
+    fn default() -> Self {
+        Self {
+            duration: Duration::from_secs(30),
+            l1_duration: None,
+            fail_safe: false,
+            fail_safe_max_duration: Duration::from_secs(24 * 3600),
+            fail_safe_throttle_duration: Duration::from_secs(30),
+            jitter_max: Duration::ZERO,
+            skip_l2: false,
+            skip_backplane_notifications: false,
+            factory_soft_timeout: None,
+            factory_hard_timeout: None,
+            background_factory_completion: true,
+            background_l2_operations: false,
+            background_backplane_operations: true,
+        }
+    }
+}
+
+impl EntryOptions {
+    /// The defaults: 30 s duration, fail-safe off, no timeouts, L2 writes awaited, backplane notifications
+    /// sent in the background.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long the entry is fresh (logical expiration), in L1 and L2.
+    #[must_use]
+    pub fn duration(mut self, duration: Duration) -> Self {
+        self.duration = duration;
+        self
+    }
+
+    /// A different (usually shorter) freshness for L1 only; L2 keeps [`duration`](Self::duration).
+    #[must_use]
+    pub fn l1_duration(mut self, duration: Duration) -> Self {
+        self.l1_duration = Some(duration);
+        self
+    }
+
+    /// Fail-safe: keep expired entries up to [`fail_safe_max_duration`](Self::fail_safe_max_duration) and
+    /// serve them when the factory or the distributed cache fails.
+    #[must_use]
+    pub fn fail_safe(mut self, enabled: bool) -> Self {
+        self.fail_safe = enabled;
+        self
+    }
+
+    /// How long an entry stays usable as a fail-safe fallback after it was written.
+    #[must_use]
+    pub fn fail_safe_max_duration(mut self, duration: Duration) -> Self {
+        self.fail_safe_max_duration = duration;
+        self
+    }
+
+    /// After a fallback was served because the factory failed, how long it is served as fresh before the
+    /// factory is tried again (so a failing source is not hammered).
+    #[must_use]
+    pub fn fail_safe_throttle_duration(mut self, duration: Duration) -> Self {
+        self.fail_safe_throttle_duration = duration;
+        self
+    }
+
+    /// Adds a random extra of up to `max` to the L1 duration, so entries set together on many nodes do not
+    /// all expire at once.
+    #[must_use]
+    pub fn jitter_max(mut self, max: Duration) -> Self {
+        self.jitter_max = max;
+        self
+    }
+
+    /// Skips the distributed cache (L1 only) for this operation.
+    #[must_use]
+    pub fn skip_l2(mut self, skip: bool) -> Self {
+        self.skip_l2 = skip;
+        self
+    }
+
+    /// Skips the backplane notification of this operation (the other nodes are not told).
+    #[must_use]
+    pub fn skip_backplane_notifications(mut self, skip: bool) -> Self {
+        self.skip_backplane_notifications = skip;
+        self
+    }
+
+    /// When a fail-safe fallback exists and the factory takes longer than this, the fallback is returned and
+    /// the factory goes on in the background.
+    #[must_use]
+    pub fn factory_soft_timeout(mut self, timeout: Duration) -> Self {
+        self.factory_soft_timeout = Some(timeout);
+        self
+    }
+
+    /// The longest a caller waits for the factory; past it the fallback (if any) is returned, else
+    /// [`Error::FactoryTimeout`](crate::Error::FactoryTimeout).
+    #[must_use]
+    pub fn factory_hard_timeout(mut self, timeout: Duration) -> Self {
+        self.factory_hard_timeout = Some(timeout);
+        self
+    }
+
+    /// Whether a timed-out factory keeps running in the background and updates the cache when it completes
+    /// (default `true`).
+    #[must_use]
+    pub fn background_factory_completion(mut self, enabled: bool) -> Self {
+        self.background_factory_completion = enabled;
+        self
+    }
+
+    /// Writes to the distributed cache in the background instead of awaiting them (default `false`).
+    #[must_use]
+    pub fn background_l2_operations(mut self, enabled: bool) -> Self {
+        self.background_l2_operations = enabled;
+        self
+    }
+
+    /// Sends backplane notifications in the background instead of awaiting them (default `true`).
+    #[must_use]
+    pub fn background_backplane_operations(mut self, enabled: bool) -> Self {
+        self.background_backplane_operations = enabled;
+        self
+    }
+
+    /// The freshness of the entry in the distributed cache.
+    pub fn get_duration(&self) -> Duration {
+        self.duration
+    }
+
+    /// Whether fail-safe is enabled.
+    pub fn is_fail_safe_enabled(&self) -> bool {
+        self.fail_safe
+    }
+
+    /// Whether L2 is skipped.
+    pub fn is_l2_skipped(&self) -> bool {
+        self.skip_l2
+    }
+
+    /// Whether backplane notifications are skipped.
+    pub fn are_backplane_notifications_skipped(&self) -> bool {
+        self.skip_backplane_notifications
+    }
+
+    /// The L1 freshness before jitter and caps.
+    pub(crate) fn base_l1_duration(&self) -> Duration {
+        self.l1_duration.unwrap_or(self.duration)
+    }
+
+    /// A random jitter in `0..=jitter_max`.
+    pub(crate) fn jitter(&self) -> Duration {
+        if self.jitter_max.is_zero() {
+            Duration::ZERO
+        } else {
+            let max = self.jitter_max.as_micros().min(u64::MAX as u128) as u64;
+            Duration::from_micros(fastrand::u64(0..=max))
+        }
+    }
+}
+
+/// Options of a whole cache, set through [`FusionCacheBuilder`](crate::FusionCacheBuilder).
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// The cache name: the default channel prefix, and a label in logs and events.
+    pub name: String,
+    /// Overrides the cache name as the prefix of the backplane channel.
+    pub channel_prefix: Option<String>,
+    /// The most entries L1 holds (moka's capacity).
+    pub l1_max_capacity: u64,
+    /// A hard cap on every L1 freshness, whatever the entry options say: bounds how long a node can serve a
+    /// value after a notification was silently lost.
+    pub l1_max_duration: Option<Duration>,
+    /// On backplane reconnection, mark every L1 entry stale (the node cannot know what it missed).
+    pub mark_stale_on_reconnect: bool,
+    /// While the backplane is disconnected, L1 entries older than this are revalidated against L2 (or the
+    /// factory) before they are served; L1 is still served when those fail.
+    pub disconnected_l1_max_age: Duration,
+    /// The most notifications kept (one per key, newest wins) while the backplane is unreachable.
+    pub auto_recovery_max_items: usize,
+    /// How long the backplane circuit breaker stays open after a failed publish: publishes are queued
+    /// without trying the transport meanwhile.
+    pub backplane_circuit_breaker_duration: Duration,
+    /// How long the distributed-cache circuit breaker stays open after an L2 error: L2 is skipped meanwhile.
+    /// Zero disables it.
+    pub l2_circuit_breaker_duration: Duration,
+    /// The most L1 refreshes from L2 (after remote `set` notifications) running at once.
+    pub max_concurrent_refreshes: usize,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        Self {
+            name: crate::DEFAULT_CACHE_NAME.to_string(),
+            channel_prefix: None,
+            l1_max_capacity: 100_000,
+            l1_max_duration: None,
+            mark_stale_on_reconnect: true,
+            disconnected_l1_max_age: Duration::ZERO,
+            auto_recovery_max_items: 10_000,
+            backplane_circuit_breaker_duration: Duration::from_secs(1),
+            l2_circuit_breaker_duration: Duration::ZERO,
+            max_concurrent_refreshes: 64,
+        }
+    }
+}
