@@ -122,7 +122,10 @@ enum L1Lookup<V> {
     Fresh(V),
     /// Present but not to be served as fresh: logically expired, marked stale, or untrusted while the
     /// backplane is down (`expired == false`).
-    Stale { entry: Arc<L1Entry<V>>, expired: bool },
+    Stale {
+        entry: Arc<L1Entry<V>>,
+        expired: bool,
+    },
     Missing,
 }
 
@@ -194,7 +197,8 @@ where
     /// A cache without backplane returns `true` at once.
     pub async fn wait_for_backplane(&self, timeout: Duration) -> bool {
         let mut rx = self.inner.state.subscribe();
-        let ready = |s: &BackplaneState| matches!(s, BackplaneState::Connected | BackplaneState::Disabled);
+        let ready =
+            |s: &BackplaneState| matches!(s, BackplaneState::Connected | BackplaneState::Disabled);
         tokio::time::timeout(timeout, rx.wait_for(ready))
             .await
             .map(|r| r.is_ok())
@@ -216,7 +220,10 @@ where
             self.inner.record_l1_hit(key);
             return Some(v);
         }
-        self.inner.get_slow(key, &self.inner.default_entry_options).await.unwrap_or(None)
+        self.inner
+            .get_slow(key, &self.inner.default_entry_options)
+            .await
+            .unwrap_or(None)
     }
 
     /// Like [`get`](Self::get), but an L2 error with no fallback to serve is returned.
@@ -225,12 +232,15 @@ where
             self.inner.record_l1_hit(key);
             return Ok(Some(v));
         }
-        self.inner.get_slow(key, &self.inner.default_entry_options).await
+        self.inner
+            .get_slow(key, &self.inner.default_entry_options)
+            .await
     }
 
     /// Sets `key` with the default entry options. See [`set_with`](Self::set_with).
     pub async fn set(&self, key: &str, value: V) -> Result<(), Error> {
-        self.set_with(key, value, &self.inner.default_entry_options).await
+        self.set_with(key, value, &self.inner.default_entry_options)
+            .await
     }
 
     /// Sets `key`: L1, then L2, then one notification to the other nodes (unless `options` skip them).
@@ -242,7 +252,8 @@ where
 
     /// Removes `key` from L1 and L2 and tells the other nodes to evict it, whether or not this node held it.
     pub async fn remove(&self, key: &str) -> Result<(), Error> {
-        self.remove_with(key, &self.inner.default_entry_options).await
+        self.remove_with(key, &self.inner.default_entry_options)
+            .await
     }
 
     /// [`remove`](Self::remove) with explicit entry options.
@@ -266,7 +277,8 @@ where
     /// Marks `key` expired: it is no longer served as fresh, but stays usable as a fail-safe fallback.
     /// The other nodes are told to do the same (to evict it, when fail-safe is off).
     pub async fn expire(&self, key: &str) -> Result<(), Error> {
-        self.expire_with(key, &self.inner.default_entry_options).await
+        self.expire_with(key, &self.inner.default_entry_options)
+            .await
     }
 
     /// [`expire`](Self::expire) with explicit entry options.
@@ -286,7 +298,9 @@ where
         let l2_step = async move {
             let Some(layer) = &l2.l2 else { return Ok(()) };
             let store = &layer.store;
-            let Some(bytes) = l2.l2_call(Some(&owned), store.get(&owned)).await? else { return Ok(()) };
+            let Some(bytes) = l2.l2_call(Some(&owned), store.get(&owned)).await? else {
+                return Ok(());
+            };
             let mut env = L2Envelope::decode(&owned, bytes)?;
             let now_ms = l2_envelope_now_ms();
             let ttl = env.fail_safe_remaining(now_ms);
@@ -294,8 +308,14 @@ where
                 return l2.l2_call(Some(&owned), store.remove(&owned)).await;
             }
             env.logical_expiry_ms = now_ms;
-            let bytes = L2Envelope::encode(env.logical_expiry_ms, env.fail_safe_expiry_ms, timestamp, &env.payload);
-            l2.l2_call(Some(&owned), store.set(&owned, bytes, ttl)).await
+            let bytes = L2Envelope::encode(
+                env.logical_expiry_ms,
+                env.fail_safe_expiry_ms,
+                timestamp,
+                &env.payload,
+            );
+            l2.l2_call(Some(&owned), store.set(&owned, bytes, ttl))
+                .await
         };
         Inner::write_through(inner, key, Action::Expire, timestamp, options, l2_step).await
     }
@@ -312,7 +332,15 @@ where
                 None => Ok(()),
             }
         };
-        Inner::write_through(inner, CLEAR_KEY, Action::Set, now_ticks(), &inner.default_entry_options, l2_step).await
+        Inner::write_through(
+            inner,
+            CLEAR_KEY,
+            Action::Set,
+            now_ticks(),
+            &inner.default_entry_options,
+            l2_step,
+        )
+        .await
     }
 
     /// The value of `key`, or the factory's, which is then cached. See
@@ -323,14 +351,20 @@ where
         Fut: Future<Output = Result<V, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        self.get_or_set_with(key, &self.inner.default_entry_options.clone(), factory).await
+        self.get_or_set_with(key, &self.inner.default_entry_options.clone(), factory)
+            .await
     }
 
     /// The value of `key` from L1 or L2; on a miss, runs `factory` and caches its value (L1, L2, notification).
     ///
     /// Concurrent callers of one key on one node share a single factory run: the others wait for its
     /// result. With fail-safe on, a failing or timed-out factory is answered with the last known value.
-    pub async fn get_or_set_with<F, Fut, E>(&self, key: &str, options: &EntryOptions, factory: F) -> Result<V, Error>
+    pub async fn get_or_set_with<F, Fut, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        factory: F,
+    ) -> Result<V, Error>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>> + Send + 'static,
@@ -361,7 +395,9 @@ where
                     inner.record_l2_hit(key);
                     return Ok(v);
                 }
-                L2Lookup::Stale(v, ts) if fallback.as_ref().is_none_or(|(_, t)| *t < ts) => fallback = Some((v, ts)),
+                L2Lookup::Stale(v, ts) if fallback.as_ref().is_none_or(|(_, t)| *t < ts) => {
+                    fallback = Some((v, ts))
+                }
                 _ => {}
             }
         }
@@ -376,27 +412,39 @@ where
 {
     #[inline]
     fn lookup_l1(&self, key: &str, now: Instant) -> L1Lookup<V> {
-        let Some(entry) = self.l1.get(key) else { return L1Lookup::Missing };
+        let Some(entry) = self.l1.get(key) else {
+            return L1Lookup::Missing;
+        };
         if entry.is_fresh(now, self.stale_epoch.load(Ordering::Acquire)) {
             if !self.backplane_down.load(Ordering::Acquire)
                 || now.duration_since(entry.created_at) <= self.options.disconnected_l1_max_age
             {
                 return L1Lookup::Fresh(entry.value.clone());
             }
-            return L1Lookup::Stale { entry, expired: false };
+            return L1Lookup::Stale {
+                entry,
+                expired: false,
+            };
         }
-        L1Lookup::Stale { entry, expired: true }
+        L1Lookup::Stale {
+            entry,
+            expired: true,
+        }
     }
 
     #[inline]
     fn record_l1_hit(&self, key: &str) {
         Counters::incr(&self.telemetry.counters.l1_hits);
-        self.telemetry.emit(|| CacheEvent::Hit { key, from_l2: false });
+        self.telemetry.emit(|| CacheEvent::Hit {
+            key,
+            from_l2: false,
+        });
     }
 
     fn record_l2_hit(&self, key: &str) {
         Counters::incr(&self.telemetry.counters.l2_hits);
-        self.telemetry.emit(|| CacheEvent::Hit { key, from_l2: true });
+        self.telemetry
+            .emit(|| CacheEvent::Hit { key, from_l2: true });
     }
 
     fn record_miss(&self, key: &str) {
@@ -431,11 +479,17 @@ where
             }
             L2Lookup::Failed(error) => match l1 {
                 // Not expired, only unverifiable: serve it.
-                L1Lookup::Stale { entry, expired: false } => {
+                L1Lookup::Stale {
+                    entry,
+                    expired: false,
+                } => {
                     self.record_l1_hit(key);
                     Ok(Some(entry.value.clone()))
                 }
-                L1Lookup::Stale { entry, expired: true } if options.fail_safe && entry.is_usable(Instant::now()) => {
+                L1Lookup::Stale {
+                    entry,
+                    expired: true,
+                } if options.fail_safe && entry.is_usable(Instant::now()) => {
                     self.record_stale(key);
                     Ok(Some(entry.value.clone()))
                 }
@@ -449,7 +503,9 @@ where
 
     /// Reads `key` from L2 and, when fresh, puts it in L1.
     async fn lookup_l2(&self, key: &str, options: &EntryOptions) -> L2Lookup<V> {
-        let Some(layer) = &self.l2 else { return L2Lookup::Missing };
+        let Some(layer) = &self.l2 else {
+            return L2Lookup::Missing;
+        };
         let bytes = match self.l2_call(Some(key), layer.store.get(key)).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return L2Lookup::Missing,
@@ -493,7 +549,9 @@ where
         key: Option<&str>,
         op: impl Future<Output = Result<T, L2Error>>,
     ) -> Result<T, L2Error> {
-        let Some(layer) = &self.l2 else { return Err(L2Error::Unavailable("no distributed cache".into())) };
+        let Some(layer) = &self.l2 else {
+            return Err(L2Error::Unavailable("no distributed cache".into()));
+        };
         if layer.breaker.is_open() {
             return Err(L2Error::CircuitOpen);
         }
@@ -513,7 +571,10 @@ where
     fn record_l2_error(&self, key: Option<&str>, error: &L2Error) {
         Counters::incr(&self.telemetry.counters.l2_errors);
         tracing::warn!(cache = %self.options.name, key, %error, "distributed cache error");
-        self.telemetry.emit(|| CacheEvent::L2Error { key, error: error.to_string() });
+        self.telemetry.emit(|| CacheEvent::L2Error {
+            key,
+            error: error.to_string(),
+        });
     }
 
     fn cap(&self, d: Duration) -> Duration {
@@ -530,10 +591,18 @@ where
         } else {
             fresh_for
         };
-        Lifetime { fresh_for, usable_for }
+        Lifetime {
+            fresh_for,
+            usable_for,
+        }
     }
 
-    pub(crate) fn lifetime_from_l2(&self, options: &EntryOptions, remaining: Duration, fail_safe_remaining: Duration) -> Lifetime {
+    pub(crate) fn lifetime_from_l2(
+        &self,
+        options: &EntryOptions,
+        remaining: Duration,
+        fail_safe_remaining: Duration,
+    ) -> Lifetime {
         let mut fresh_for = remaining;
         if let Some(l1) = options.l1_duration {
             fresh_for = fresh_for.min(l1);
@@ -583,13 +652,17 @@ where
         let duration = options.duration;
         let fail_safe = options.fail_safe.then_some(options.fail_safe_max_duration);
         let l2_step = async move {
-            let (Some(layer), Some(payload)) = (&inner.l2, l2_payload) else { return Ok(()) };
+            let (Some(layer), Some(payload)) = (&inner.l2, l2_payload) else {
+                return Ok(());
+            };
             let now_ms = l2_envelope_now_ms();
             let logical = now_ms.saturating_add(duration.as_millis() as i64);
             let ttl = fail_safe.map_or(duration, |fs| fs.max(duration));
             let usable = now_ms.saturating_add(ttl.as_millis() as i64);
             let bytes = L2Envelope::encode(logical, usable, timestamp, &payload);
-            inner.l2_call(Some(&owned), layer.store.set(&owned, bytes, ttl)).await
+            inner
+                .l2_call(Some(&owned), layer.store.set(&owned, bytes, ttl))
+                .await
         };
         Self::write_through(this, key, Action::Set, timestamp, options, l2_step).await
     }
@@ -605,7 +678,10 @@ where
         l2_step: impl Future<Output = Result<(), L2Error>> + Send + 'static,
     ) -> Result<(), Error> {
         let uses_l2 = this.l2.is_some() && !options.skip_l2;
-        let notifier = this.notifier.clone().filter(|_| !options.skip_backplane_notifications);
+        let notifier = this
+            .notifier
+            .clone()
+            .filter(|_| !options.skip_backplane_notifications);
         let owned = key.to_string();
         let notify = async move {
             if let Some(n) = notifier {
@@ -677,14 +753,18 @@ where
         };
         match outcome {
             Ok(value) => {
-                this.telemetry.emit(|| CacheEvent::FactoryRun { key, success: true });
+                this.telemetry
+                    .emit(|| CacheEvent::FactoryRun { key, success: true });
                 // The value is good even when L2 fails: serve it, the L2 error is already recorded.
                 let _ = Self::set_internal(this, key, value.clone(), now_ticks(), options).await;
                 Ok(value)
             }
             Err(error) => {
                 Counters::incr(&this.telemetry.counters.factory_errors);
-                this.telemetry.emit(|| CacheEvent::FactoryRun { key, success: false });
+                this.telemetry.emit(|| CacheEvent::FactoryRun {
+                    key,
+                    success: false,
+                });
                 match fallback {
                     Some((value, timestamp)) => {
                         tracing::warn!(cache = %this.options.name, key, %error, "factory failed; serving the fail-safe value");

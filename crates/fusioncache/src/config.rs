@@ -313,9 +313,7 @@ impl FusionCacheConfig {
             cache_name: get(env::CACHE_NAME),
             channel_prefix: get(env::CHANNEL_PREFIX),
             backplane: get(env::BACKPLANE).map(|v| v.parse()).transpose()?,
-            distributed_cache: get(env::DISTRIBUTED_CACHE)
-                .map(|v| v.parse())
-                .transpose()?,
+            distributed_cache: get(env::DISTRIBUTED_CACHE).map(|v| v.parse()).transpose()?,
             key_prefix: get(env::KEY_PREFIX),
             redis: (redis != RedisConfig::default()).then_some(redis),
             nats: (nats != NatsConfig::default()).then_some(nats),
@@ -335,7 +333,10 @@ impl FusionCacheConfig {
         };
         put(env::CACHE_NAME, self.cache_name.clone());
         put(env::CHANNEL_PREFIX, self.channel_prefix.clone());
-        put(env::BACKPLANE, self.backplane.map(|k| k.as_str().to_string()));
+        put(
+            env::BACKPLANE,
+            self.backplane.map(|k| k.as_str().to_string()),
+        );
         put(
             env::DISTRIBUTED_CACHE,
             self.distributed_cache.map(|k| k.as_str().to_string()),
@@ -401,7 +402,10 @@ impl FusionCacheConfig {
 
     /// Finds the FusionCache binding under `$SERVICE_BINDING_ROOT`: the only directory whose `type` is
     /// `fusioncache`, or the one named `name` when given.
-    pub fn find_binding(root: impl AsRef<Path>, name: Option<&str>) -> Result<Option<Self>, ConfigError> {
+    pub fn find_binding(
+        root: impl AsRef<Path>,
+        name: Option<&str>,
+    ) -> Result<Option<Self>, ConfigError> {
         let root = root.as_ref();
         if let Some(name) = name {
             return Self::from_binding_dir(root.join(name)).map(Some);
@@ -435,7 +439,10 @@ impl FusionCacheConfig {
                 format!(
                     "{} bindings of type `{BINDING_TYPE}` found ({}); name one explicitly",
                     many.len(),
-                    many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    many.iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )),
         }
@@ -519,7 +526,10 @@ impl FusionCacheConfig {
         if let Some(n) = &self.nats {
             if let Some(url) = &n.url {
                 if url.split(',').any(|u| u.trim().is_empty()) {
-                    return Err(ConfigError::invalid("nats.url", "contains an empty server URL"));
+                    return Err(ConfigError::invalid(
+                        "nats.url",
+                        "contains an empty server URL",
+                    ));
                 }
             }
         }
@@ -529,7 +539,11 @@ impl FusionCacheConfig {
             } else {
                 Err(ConfigError::Missing(format!(
                     "backplane `{kind}` needs `{kind}.url` ({})",
-                    if kind == "redis" { env::REDIS_URL } else { env::NATS_URL }
+                    if kind == "redis" {
+                        env::REDIS_URL
+                    } else {
+                        env::NATS_URL
+                    }
                 )))
             }
         };
@@ -548,7 +562,9 @@ impl FusionCacheConfig {
 
     /// The cache name, `FusionCache` when not configured.
     pub fn cache_name_or_default(&self) -> &str {
-        self.cache_name.as_deref().unwrap_or(crate::DEFAULT_CACHE_NAME)
+        self.cache_name
+            .as_deref()
+            .unwrap_or(crate::DEFAULT_CACHE_NAME)
     }
 
     /// The backplane channel (and NATS subject) this configuration produces, per the channel naming rules.

@@ -20,7 +20,10 @@ use crate::events::{CacheEvent, Counters};
 use crate::l2::{l2_envelope_now_ms, L2Envelope};
 
 /// Starts the receive loop of a cache; it ends when the cache is dropped or the transport goes away.
-pub(crate) fn spawn<V>(inner: &Arc<Inner<V>>, subscription: Subscription) -> tokio::task::AbortHandle
+pub(crate) fn spawn<V>(
+    inner: &Arc<Inner<V>>,
+    subscription: Subscription,
+) -> tokio::task::AbortHandle
 where
     V: Clone + Send + Sync + 'static,
 {
@@ -48,7 +51,9 @@ where
                 }
                 inner.backplane_down.store(false, Ordering::Release);
                 tracing::info!(cache = %inner.options.name, channel = %inner.channel, reconnected, "backplane connected");
-                inner.telemetry.emit(|| CacheEvent::BackplaneConnected { reconnected });
+                inner
+                    .telemetry
+                    .emit(|| CacheEvent::BackplaneConnected { reconnected });
                 if let Some(notifier) = &inner.notifier {
                     notifier.set_connected(true);
                     let notifier = Arc::clone(notifier);
@@ -62,7 +67,9 @@ where
                     notifier.set_connected(false);
                 }
                 tracing::warn!(cache = %inner.options.name, channel = %inner.channel, %reason, "backplane disconnected");
-                inner.telemetry.emit(|| CacheEvent::BackplaneDisconnected { reason });
+                inner
+                    .telemetry
+                    .emit(|| CacheEvent::BackplaneDisconnected { reason });
                 inner.state.send_replace(BackplaneState::Disconnected);
             }
         }
@@ -85,7 +92,9 @@ where
                 Counters::incr(&counters.backplane_malformed);
                 tracing::warn!(cache = %inner.options.name, %error, len = payload.len(), "malformed backplane message dropped");
             }
-            inner.telemetry.emit(|| CacheEvent::BackplaneDropped { reason: error.to_string() });
+            inner.telemetry.emit(|| CacheEvent::BackplaneDropped {
+                reason: error.to_string(),
+            });
             return;
         }
     };
@@ -116,7 +125,10 @@ where
         }
     }
     Counters::incr(&counters.backplane_received);
-    inner.telemetry.emit(|| CacheEvent::BackplaneReceived { key, action: msg.action });
+    inner.telemetry.emit(|| CacheEvent::BackplaneReceived {
+        key,
+        action: msg.action,
+    });
 }
 
 /// Reloads a stale L1 entry from L2 in the background, if L2 has a newer one than L1.
@@ -125,29 +137,50 @@ where
     V: Clone + Send + Sync + 'static,
 {
     // When too many refreshes are running, the entry just stays stale: the next read goes to L2.
-    let Ok(permit) = Arc::clone(&inner.refreshes).try_acquire_owned() else { return };
+    let Ok(permit) = Arc::clone(&inner.refreshes).try_acquire_owned() else {
+        return;
+    };
     let inner = Arc::clone(inner);
     let key = key.to_string();
     tokio::spawn(async move {
         let _permit = permit;
         let Some(layer) = &inner.l2 else { return };
-        let Ok(Some(bytes)) = inner.l2_call(Some(&key), layer.store.get(&key)).await else { return };
-        let Ok(env) = L2Envelope::decode(&key, bytes) else { return };
+        let Ok(Some(bytes)) = inner.l2_call(Some(&key), layer.store.get(&key)).await else {
+            return;
+        };
+        let Ok(env) = L2Envelope::decode(&key, bytes) else {
+            return;
+        };
         if env.timestamp < notified_at {
             return; // L2 does not hold the notified write (yet): stay stale.
         }
-        let Ok(value) = layer.serializer.deserialize(&env.payload) else { return };
+        let Ok(value) = layer.serializer.deserialize(&env.payload) else {
+            return;
+        };
         let now_ms = l2_envelope_now_ms();
-        let lifetime = inner.lifetime_from_l2(&inner.default_entry_options, env.remaining(now_ms), env.fail_safe_remaining(now_ms));
+        let lifetime = inner.lifetime_from_l2(
+            &inner.default_entry_options,
+            env.remaining(now_ms),
+            env.fail_safe_remaining(now_ms),
+        );
         if lifetime.fresh_for.is_zero() {
             return;
         }
         let epoch = inner.stale_epoch.load(Ordering::Acquire);
-        let fresh = Arc::new(L1Entry::new(value, env.timestamp, quanta::Instant::now(), lifetime, epoch));
+        let fresh = Arc::new(L1Entry::new(
+            value,
+            env.timestamp,
+            quanta::Instant::now(),
+            lifetime,
+            epoch,
+        ));
         // Only replace an entry that is still there and older: a remove or a newer write meanwhile wins.
-        inner.l1.entry(key).and_compute_with(|current| match current {
-            Some(current) if current.value().timestamp < fresh.timestamp => Op::Put(fresh),
-            _ => Op::Nop,
-        });
+        inner
+            .l1
+            .entry(key)
+            .and_compute_with(|current| match current {
+                Some(current) if current.value().timestamp < fresh.timestamp => Op::Put(fresh),
+                _ => Op::Nop,
+            });
     });
 }

@@ -163,28 +163,35 @@ impl Notifier {
         }
     }
 
-    async fn send(&self, key: &str, action: Action, timestamp: i64) -> Result<(), crate::backplane::BackplaneError> {
+    async fn send(
+        &self,
+        key: &str,
+        action: Action,
+        timestamp: i64,
+    ) -> Result<(), crate::backplane::BackplaneError> {
         let payload = BackplaneMessage::new(&self.instance_id, timestamp, action, key).encode();
         self.backplane.publish(&self.channel, payload).await?;
         self.breaker.reset();
         Counters::incr(&self.telemetry.counters.backplane_sent);
-        self.telemetry.emit(|| CacheEvent::BackplaneSent { key, action });
+        self.telemetry
+            .emit(|| CacheEvent::BackplaneSent { key, action });
         Ok(())
     }
 
     fn enqueue(&self, key: &str, pending: Pending) {
-        let dropped = self
-            .queue
-            .lock()
-            .expect("pending queue lock")
-            .push(key, pending, self.capacity);
+        let dropped =
+            self.queue
+                .lock()
+                .expect("pending queue lock")
+                .push(key, pending, self.capacity);
         Counters::incr(&self.telemetry.counters.backplane_queued);
         self.telemetry.emit(|| CacheEvent::BackplaneQueued { key });
         if let Some(dropped) = dropped {
             Counters::incr(&self.telemetry.counters.backplane_queue_overflow);
             tracing::warn!(channel = %self.channel, key = %dropped, capacity = self.capacity,
                 "backplane auto-recovery queue full: dropped the oldest pending notification");
-            self.telemetry.emit(|| CacheEvent::BackplaneQueueOverflow { key: &dropped });
+            self.telemetry
+                .emit(|| CacheEvent::BackplaneQueueOverflow { key: &dropped });
         }
     }
 
@@ -234,7 +241,10 @@ mod tests {
         q.push("b", p(2), 10);
         q.push("a", p(3), 10);
         let drained = q.drain();
-        assert_eq!(drained, vec![("b".to_string(), p(2)), ("a".to_string(), p(3))]);
+        assert_eq!(
+            drained,
+            vec![("b".to_string(), p(2)), ("a".to_string(), p(3))]
+        );
         assert_eq!(q.len(), 0);
     }
 
@@ -243,7 +253,11 @@ mod tests {
         let mut q = PendingQueue::default();
         assert_eq!(q.push("a", p(1), 2), None);
         assert_eq!(q.push("b", p(2), 2), None);
-        assert_eq!(q.push("b", p(3), 2), None, "an update of a queued key takes no room");
+        assert_eq!(
+            q.push("b", p(3), 2),
+            None,
+            "an update of a queued key takes no room"
+        );
         assert_eq!(q.push("c", p(4), 2), Some("a".to_string()));
         let keys: Vec<_> = q.drain().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec!["b", "c"]);

@@ -119,7 +119,11 @@ impl Backplane for MemoryBackplane {
         Ok(Subscription::new(rx))
     }
 
-    fn publish<'a>(&'a self, channel: &'a str, payload: Bytes) -> BoxFuture<'a, Result<(), BackplaneError>> {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<(), BackplaneError>> {
         Box::pin(async move {
             if !self.is_connected() {
                 return Err(BackplaneError::NotConnected);

@@ -66,7 +66,9 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// The payload ends before the field does.
-    #[error("message truncated: {field} needs {needed} bytes at offset {offset}, payload has {len}")]
+    #[error(
+        "message truncated: {field} needs {needed} bytes at offset {offset}, payload has {len}"
+    )]
     Truncated {
         /// The field being read.
         field: &'static str,
@@ -168,7 +170,10 @@ impl<'a> BackplaneMessage<'a> {
 
     /// Decodes and validates a payload. Never panics.
     pub fn decode(payload: &'a [u8]) -> Result<Self, DecodeError> {
-        let mut reader = Reader { buf: payload, pos: 0 };
+        let mut reader = Reader {
+            buf: payload,
+            pos: 0,
+        };
         let version = reader.take(1, "version")?[0];
         if version != WIRE_FORMAT_VERSION {
             return Err(DecodeError::UnsupportedVersion(version));
@@ -203,7 +208,8 @@ impl<'a> BackplaneMessage<'a> {
                 reason: "not positive",
             });
         }
-        let action = Action::from_byte(action_byte).ok_or(DecodeError::UnknownAction(action_byte))?;
+        let action =
+            Action::from_byte(action_byte).ok_or(DecodeError::UnknownAction(action_byte))?;
         Ok(Self {
             source_id,
             timestamp,
@@ -248,7 +254,8 @@ impl<'a> Reader<'a> {
                 .try_into()
                 .expect("take returns exactly 4 bytes"),
         );
-        let len = usize::try_from(len).map_err(|_| DecodeError::NegativeLength { field, length: len })?;
+        let len =
+            usize::try_from(len).map_err(|_| DecodeError::NegativeLength { field, length: len })?;
         let bytes = self.take(len, field)?;
         std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8 { field })
     }
@@ -318,17 +325,26 @@ mod tests {
         let empty_key = BackplaneMessage::new("a", 1, Action::Set, "").encode();
         assert!(matches!(
             BackplaneMessage::decode(&empty_key),
-            Err(DecodeError::InvalidField { field: "cache key", .. })
+            Err(DecodeError::InvalidField {
+                field: "cache key",
+                ..
+            })
         ));
         let empty_src = BackplaneMessage::new("", 1, Action::Set, "k").encode();
         assert!(matches!(
             BackplaneMessage::decode(&empty_src),
-            Err(DecodeError::InvalidField { field: "source id", .. })
+            Err(DecodeError::InvalidField {
+                field: "source id",
+                ..
+            })
         ));
         let zero_ts = BackplaneMessage::new("a", 0, Action::Set, "k").encode();
         assert!(matches!(
             BackplaneMessage::decode(&zero_ts),
-            Err(DecodeError::InvalidField { field: "timestamp", .. })
+            Err(DecodeError::InvalidField {
+                field: "timestamp",
+                ..
+            })
         ));
         let mut negative = reference_bytes();
         negative[1..5].copy_from_slice(&(-1i32).to_le_bytes());
@@ -344,7 +360,10 @@ mod tests {
         );
         let mut trailing = reference_bytes();
         trailing.push(0);
-        assert_eq!(BackplaneMessage::decode(&trailing), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(
+            BackplaneMessage::decode(&trailing),
+            Err(DecodeError::TrailingBytes(1))
+        );
         let mut huge = reference_bytes();
         huge[1..5].copy_from_slice(&i32::MAX.to_le_bytes());
         assert!(matches!(
@@ -358,7 +377,10 @@ mod tests {
         let bytes = reference_bytes();
         for n in 0..bytes.len() {
             assert!(
-                matches!(BackplaneMessage::decode(&bytes[..n]), Err(DecodeError::Truncated { .. })),
+                matches!(
+                    BackplaneMessage::decode(&bytes[..n]),
+                    Err(DecodeError::Truncated { .. })
+                ),
                 "prefix of {n} bytes"
             );
         }

@@ -24,7 +24,9 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 pub use memory::MemoryBackplane;
-pub use message::{now_ticks, Action, BackplaneMessage, DecodeError, UNIX_EPOCH_TICKS, WIRE_FORMAT_VERSION};
+pub use message::{
+    now_ticks, Action, BackplaneMessage, DecodeError, UNIX_EPOCH_TICKS, WIRE_FORMAT_VERSION,
+};
 
 /// The suffix of every channel name; it carries the wire-format family (`v2` as in FusionCache v2).
 pub const CHANNEL_SUFFIX: &str = ".Backplane:v2";
@@ -110,7 +112,11 @@ pub trait Backplane: Send + Sync + 'static {
     fn subscribe(&self, channel: &str) -> Result<Subscription, BackplaneError>;
 
     /// Publishes `payload` on `channel`. An error means the payload was not sent (the cache queues it).
-    fn publish<'a>(&'a self, channel: &'a str, payload: Bytes) -> BoxFuture<'a, Result<(), BackplaneError>>;
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<(), BackplaneError>>;
 
     /// Checks a channel name before use; the default accepts any.
     fn validate_channel(&self, channel: &str) -> Result<(), BackplaneError> {

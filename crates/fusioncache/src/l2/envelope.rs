@@ -32,7 +32,12 @@ pub(crate) fn unix_ms_now() -> i64 {
 }
 
 impl L2Envelope {
-    pub fn encode(logical_expiry_ms: i64, fail_safe_expiry_ms: i64, timestamp: i64, payload: &[u8]) -> Vec<u8> {
+    pub fn encode(
+        logical_expiry_ms: i64,
+        fail_safe_expiry_ms: i64,
+        timestamp: i64,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.push(ENVELOPE_VERSION);
         out.extend_from_slice(&logical_expiry_ms.to_le_bytes());
@@ -53,7 +58,8 @@ impl L2Envelope {
         if bytes[0] != ENVELOPE_VERSION {
             return Err(corrupt("unknown envelope version"));
         }
-        let field = |i: usize| i64::from_le_bytes(bytes[1 + 8 * i..9 + 8 * i].try_into().expect("8 bytes"));
+        let field =
+            |i: usize| i64::from_le_bytes(bytes[1 + 8 * i..9 + 8 * i].try_into().expect("8 bytes"));
         let (logical_expiry_ms, fail_safe_expiry_ms, timestamp) = (field(0), field(1), field(2));
         let mut payload = bytes;
         payload.drain(..HEADER_LEN);
@@ -84,7 +90,14 @@ mod tests {
     fn envelope_round_trips_and_rejects_garbage() {
         let bytes = L2Envelope::encode(10, 20, 30, b"{\"a\":1}");
         let env = L2Envelope::decode("k", bytes).unwrap();
-        assert_eq!((env.logical_expiry_ms, env.fail_safe_expiry_ms, env.timestamp), (10, 20, 30));
+        assert_eq!(
+            (
+                env.logical_expiry_ms,
+                env.fail_safe_expiry_ms,
+                env.timestamp
+            ),
+            (10, 20, 30)
+        );
         assert_eq!(env.payload, b"{\"a\":1}");
         assert!(L2Envelope::decode("k", vec![1, 2, 3]).is_err());
         assert!(L2Envelope::decode("k", vec![9; HEADER_LEN]).is_err());

@@ -22,7 +22,9 @@ struct Inner {
 
 impl std::fmt::Debug for MemoryDistributedCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryDistributedCache").field("len", &self.len()).finish()
+        f.debug_struct("MemoryDistributedCache")
+            .field("len", &self.len())
+            .finish()
     }
 }
 
@@ -54,7 +56,9 @@ impl MemoryDistributedCache {
 
     fn check(&self) -> Result<(), L2Error> {
         if self.inner.unavailable.load(Ordering::SeqCst) {
-            Err(L2Error::Unavailable("memory distributed cache is unavailable".into()))
+            Err(L2Error::Unavailable(
+                "memory distributed cache is unavailable".into(),
+            ))
         } else {
             Ok(())
         }
@@ -78,7 +82,9 @@ impl DistributedCache for MemoryDistributedCache {
 
     async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), L2Error> {
         self.check()?;
-        let expiry = Instant::now().checked_add(ttl).unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
+        let expiry = Instant::now()
+            .checked_add(ttl)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
         self.lock().insert(key.to_string(), (value, expiry));
         Ok(())
     }

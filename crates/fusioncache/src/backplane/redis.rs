@@ -1,0 +1,1 @@
+//! Redis transports (feature `redis`).

@@ -1,0 +1,1 @@
+//! Redis distributed cache (feature `redis`).
