@@ -852,3 +852,19 @@ impl Drop for KeyLockGuard<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn key_locks_are_released_after_a_factory_run() {
+        let cache: FusionCache<u32> = FusionCache::builder().build().unwrap();
+        let v = cache
+            .get_or_set("k", || async { Ok::<_, std::io::Error>(7) })
+            .await
+            .unwrap();
+        assert_eq!(v, 7);
+        assert_eq!(cache.inner.key_locks.len(), 0);
+    }
+}

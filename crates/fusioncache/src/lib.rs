@@ -46,7 +46,7 @@ mod recovery;
 pub mod serializer;
 
 pub use builder::FusionCacheBuilder;
-pub use cache::FusionCache;
+pub use cache::{BackplaneState, FusionCache};
 pub use error::Error;
 pub use options::{CacheOptions, EntryOptions};
 

@@ -1,0 +1,148 @@
+//! Child-process bookkeeping shared by the Redis and NATS harnesses.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A possibly-running child process, killable by PID through `&self`.
+#[derive(Debug, Default)]
+pub(crate) struct Proc {
+    child: Mutex<Option<Child>>,
+}
+
+impl Proc {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns `program args` with stdin closed and stdout/stderr appended to
+    /// `output`. Any previously tracked process is killed first.
+    pub(crate) fn spawn(&self, program: &Path, args: &[String], output: &Path) -> io::Result<()> {
+        self.kill();
+        let out = File::options().create(true).append(true).open(output)?;
+        let err = out.try_clone()?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot spawn {}: {e}", program.display()))
+            })?;
+        *self.lock() = Some(child);
+        Ok(())
+    }
+
+    /// PID of the process if it is still running (an exited process is
+    /// reaped and forgotten).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        let mut guard = self.lock();
+        let exited = match guard.as_mut() {
+            None => return None,
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+        };
+        if exited {
+            *guard = None;
+            None
+        } else {
+            guard.as_ref().map(Child::id)
+        }
+    }
+
+    /// If the process has exited on its own, reaps it and returns its status
+    /// as text.
+    pub(crate) fn exit_status(&self) -> Option<String> {
+        let mut guard = self.lock();
+        let status = match guard.as_mut()?.try_wait() {
+            Ok(Some(status)) => status.to_string(),
+            Ok(None) => return None,
+            Err(e) => format!("unknown ({e})"),
+        };
+        *guard = None;
+        Some(status)
+    }
+
+    /// Kills the process by PID (SIGKILL) and waits for it. Idempotent, never
+    /// panics.
+    pub(crate) fn kill(&self) {
+        if let Some(mut child) = self.lock().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Why a server did not become ready.
+#[derive(Debug)]
+pub(crate) enum NotReady {
+    /// The process exited (status text), e.g. because its port was taken.
+    Exited(String),
+    /// It kept running but never passed the readiness check.
+    TimedOut,
+}
+
+/// Polls `ready` until it returns true, the process exits, or `timeout`.
+pub(crate) fn wait_ready(
+    proc_: &Proc,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), NotReady> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = proc_.exit_status() {
+            return Err(NotReady::Exited(status));
+        }
+        if ready() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(NotReady::TimedOut);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Resolves a server binary: environment override, then the usual absolute
+/// locations, then the bare name (looked up on `PATH` by `Command`).
+pub(crate) fn find_binary(env_var: &str, candidates: &[&str], name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// The last few KiB of each given file, labelled, for error messages.
+pub(crate) fn log_tail(files: &[&Path]) -> String {
+    const MAX: usize = 3000;
+    let mut out = String::new();
+    for path in files {
+        let text = match std::fs::read(path) {
+            Ok(bytes) => {
+                let start = bytes.len().saturating_sub(MAX);
+                String::from_utf8_lossy(&bytes[start..]).into_owned()
+            }
+            Err(e) => format!("<unreadable: {e}>"),
+        };
+        let text = text.trim_end();
+        if !text.is_empty() {
+            out.push_str(&format!("\n--- {} ---\n{text}", path.display()));
+        }
+    }
+    if out.is_empty() {
+        out.push_str(" (logs are empty)");
+    }
+    out
+}
+
+/// Creates a fresh temporary directory with a recognisable prefix.
+pub(crate) fn temp_dir(prefix: &str) -> io::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix(prefix).tempdir()
+}
