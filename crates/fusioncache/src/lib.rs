@@ -43,6 +43,8 @@ pub mod l2;
 mod options;
 mod receiver;
 mod recovery;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod serializer;
 
 pub use builder::FusionCacheBuilder;

@@ -36,11 +36,15 @@ where
     V: Clone + Send + Sync + 'static,
 {
     let mut ever_connected = false;
+    let mut connected = false;
     while let Some(event) = subscription.next().await {
         let Some(inner) = weak.upgrade() else { break };
         match event {
             BackplaneEvent::Message(payload) => apply(&inner, &payload),
+            // Transports may repeat `Connected`; only a transition counts.
+            BackplaneEvent::Connected if connected => {}
             BackplaneEvent::Connected => {
+                connected = true;
                 let reconnected = ever_connected;
                 ever_connected = true;
                 if reconnected {
@@ -62,6 +66,7 @@ where
                 inner.state.send_replace(BackplaneState::Connected);
             }
             BackplaneEvent::Disconnected { reason } => {
+                connected = false;
                 inner.backplane_down.store(true, Ordering::Release);
                 if let Some(notifier) = &inner.notifier {
                     notifier.set_connected(false);

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fusioncache::backplane::{Action, Backplane, BackplaneMessage, MemoryBackplane, now_ticks};
+use fusioncache::backplane::{now_ticks, Action, Backplane, BackplaneMessage, MemoryBackplane};
 use fusioncache::l2::MemoryDistributedCache;
 use fusioncache::{EntryOptions, Error, FusionCache};
 
@@ -91,7 +91,9 @@ async fn three_nodes_converge_after_expire() {
     assert!(eventually(|| a.peek("k").is_none() && b.peek("k").is_none()).await);
     // Expired everywhere (L2 included), but kept as a fail-safe fallback for a failing factory.
     let v = b
-        .get_or_set("k", || async { Err::<String, _>(std::io::Error::other("db down")) })
+        .get_or_set("k", || async {
+            Err::<String, _>(std::io::Error::other("db down"))
+        })
         .await
         .unwrap();
     assert_eq!(v, "v1");
@@ -102,14 +104,26 @@ async fn three_nodes_converge_after_expire() {
 async fn expire_without_fail_safe_sends_remove() {
     let c = cluster(2, false, EntryOptions::new()).await;
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    a.set_with("k", s("v"), &EntryOptions::new().skip_backplane_notifications(true))
-        .await
-        .unwrap();
-    b.set_with("k", s("v"), &EntryOptions::new().skip_backplane_notifications(true))
-        .await
-        .unwrap();
+    a.set_with(
+        "k",
+        s("v"),
+        &EntryOptions::new().skip_backplane_notifications(true),
+    )
+    .await
+    .unwrap();
+    b.set_with(
+        "k",
+        s("v"),
+        &EntryOptions::new().skip_backplane_notifications(true),
+    )
+    .await
+    .unwrap();
     a.expire("k").await.unwrap();
-    assert_eq!(a.l1_entry_count(), 0, "without fail-safe, expire evicts locally too");
+    assert_eq!(
+        a.l1_entry_count(),
+        0,
+        "without fail-safe, expire evicts locally too"
+    );
     assert!(eventually(|| b.l1_entry_count() == 0).await);
 }
 
@@ -124,19 +138,31 @@ async fn set_notification_refreshes_l1_from_l2() {
     // The refresh puts the new value in b's L1 by itself, without a read.
     assert!(eventually(|| b.peek("k") == Some(s("v2"))).await);
     assert_eq!(b.get("k").await, Some(s("v2")));
-    assert_eq!(b.stats().l2_hits, l2_hits, "served from the refreshed L1, not from L2");
+    assert_eq!(
+        b.stats().l2_hits,
+        l2_hits,
+        "served from the refreshed L1, not from L2"
+    );
 }
 
 #[tokio::test]
 async fn set_notification_without_l2_marks_stale() {
     let c = cluster(2, false, EntryOptions::new()).await;
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    b.set_with("k", s("old"), &EntryOptions::new().skip_backplane_notifications(true))
-        .await
-        .unwrap();
+    b.set_with(
+        "k",
+        s("old"),
+        &EntryOptions::new().skip_backplane_notifications(true),
+    )
+    .await
+    .unwrap();
     a.set("k", s("new")).await.unwrap();
     assert!(eventually(|| b.peek("k").is_none()).await);
-    assert_eq!(b.get("k").await, None, "no L2 to refresh from: a miss, so the app reloads");
+    assert_eq!(
+        b.get("k").await,
+        None,
+        "no L2 to refresh from: a miss, so the app reloads"
+    );
 }
 
 #[tokio::test]
@@ -148,12 +174,19 @@ async fn no_l2_mode_notifies_only_when_an_operation_opts_in() {
     b.set("k", s("b's copy")).await.unwrap();
     a.set("k", s("a1")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await; // nothing should arrive; give it a chance to
-    assert_eq!(b.peek("k"), Some(s("b's copy")), "default options skip notifications");
+    assert_eq!(
+        b.peek("k"),
+        Some(s("b's copy")),
+        "default options skip notifications"
+    );
     assert_eq!(a.stats().backplane_sent, 0);
 
     let loud = quiet.clone().skip_backplane_notifications(false);
     a.set_with("k", s("a2"), &loud).await.unwrap();
-    assert!(eventually(|| b.peek("k").is_none()).await, "an explicit opt-in notifies");
+    assert!(
+        eventually(|| b.peek("k").is_none()).await,
+        "an explicit opt-in notifies"
+    );
 
     b.set("k2", s("x")).await.unwrap();
     a.remove_with("k2", &loud).await.unwrap();
@@ -193,11 +226,19 @@ async fn fail_safe_serves_stale_when_the_factory_fails() {
         .duration(Duration::from_millis(20))
         .fail_safe(true)
         .fail_safe_throttle_duration(Duration::from_millis(200));
-    let cache: FusionCache<String> = FusionCache::builder().default_entry_options(options).build().unwrap();
+    let cache: FusionCache<String> = FusionCache::builder()
+        .default_entry_options(options)
+        .build()
+        .unwrap();
     cache.set("k", s("good")).await.unwrap();
-    assert!(eventually(|| cache.peek("k").is_none()).await, "logically expired");
+    assert!(
+        eventually(|| cache.peek("k").is_none()).await,
+        "logically expired"
+    );
     let v = cache
-        .get_or_set("k", || async { Err::<String, _>(std::io::Error::other("db down")) })
+        .get_or_set("k", || async {
+            Err::<String, _>(std::io::Error::other("db down"))
+        })
         .await
         .unwrap();
     assert_eq!(v, "good");
@@ -213,7 +254,9 @@ async fn fail_safe_serves_stale_when_the_factory_fails() {
     plain.set("k", s("good")).await.unwrap();
     assert!(eventually(|| plain.peek("k").is_none()).await);
     let err = plain
-        .get_or_set("k", || async { Err::<String, _>(std::io::Error::other("db down")) })
+        .get_or_set("k", || async {
+            Err::<String, _>(std::io::Error::other("db down"))
+        })
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Factory { .. }), "{err}");
@@ -225,7 +268,10 @@ async fn soft_timeout_returns_the_fallback_and_the_factory_completes_in_backgrou
         .duration(Duration::from_millis(20))
         .fail_safe(true)
         .factory_soft_timeout(Duration::from_millis(20));
-    let cache: FusionCache<String> = FusionCache::builder().default_entry_options(options.clone()).build().unwrap();
+    let cache: FusionCache<String> = FusionCache::builder()
+        .default_entry_options(options.clone())
+        .build()
+        .unwrap();
     cache.set("k", s("old")).await.unwrap();
     assert!(eventually(|| cache.peek("k").is_none()).await);
     let v = cache
@@ -236,7 +282,10 @@ async fn soft_timeout_returns_the_fallback_and_the_factory_completes_in_backgrou
         .await
         .unwrap();
     assert_eq!(v, "old", "the slow factory is not waited for");
-    assert!(eventually(|| cache.peek("k") == Some(s("new"))).await, "it completed in the background");
+    assert!(
+        eventually(|| cache.peek("k") == Some(s("new"))).await,
+        "it completed in the background"
+    );
 }
 
 #[tokio::test]
@@ -258,7 +307,9 @@ async fn messages_with_unknown_version_or_action_are_ignored() {
     let c = cluster(1, false, EntryOptions::new()).await;
     let node = &c.nodes[0];
     node.set("k", s("v")).await.unwrap();
-    let valid = BackplaneMessage::new("other-node", now_ticks(), Action::Remove, "k").encode().to_vec();
+    let valid = BackplaneMessage::new("other-node", now_ticks(), Action::Remove, "k")
+        .encode()
+        .to_vec();
     let mut newer_version = valid.clone();
     newer_version[0] = 1;
     let mut unknown_action = valid.clone();
@@ -276,8 +327,16 @@ async fn garbage_is_dropped_and_counted_while_valid_messages_still_apply() {
     let c = cluster(1, false, EntryOptions::new()).await;
     let node = &c.nodes[0];
     node.set("k", s("v")).await.unwrap();
-    for garbage in [&b""[..], b"\x00", b"\x00\xff\xff\xff\xff", b"\x00hello world"] {
-        c.bus.publish(node.channel(), garbage.to_vec().into()).await.unwrap();
+    for garbage in [
+        &b""[..],
+        b"\x00",
+        b"\x00\xff\xff\xff\xff",
+        b"\x00hello world",
+    ] {
+        c.bus
+            .publish(node.channel(), garbage.to_vec().into())
+            .await
+            .unwrap();
     }
     let valid = BackplaneMessage::new("other-node", now_ticks(), Action::Remove, "k").encode();
     c.bus.publish(node.channel(), valid).await.unwrap();
@@ -292,7 +351,10 @@ async fn a_node_ignores_its_own_messages() {
     node.set("k", s("v")).await.unwrap();
     let own = BackplaneMessage::new(node.instance_id(), now_ticks(), Action::Remove, "k").encode();
     c.bus.publish(node.channel(), own).await.unwrap();
-    assert!(eventually(|| node.stats().backplane_self_ignored >= 2).await, "its set and the forged remove");
+    assert!(
+        eventually(|| node.stats().backplane_self_ignored >= 2).await,
+        "its set and the forged remove"
+    );
     assert_eq!(node.peek("k"), Some(s("v")));
 }
 
@@ -326,10 +388,20 @@ async fn hard_cap_on_l1_duration_holds_with_a_backplane() {
     capped.set("k", s("v1")).await.unwrap();
     assert_eq!(capped.peek("k"), Some(s("v1")));
     // A write that the backplane never delivered (a lost message): L2 changes behind the node's back.
-    let other: FusionCache<String> = FusionCache::builder().distributed_cache(l2.clone()).build().unwrap();
+    let other: FusionCache<String> = FusionCache::builder()
+        .distributed_cache(l2.clone())
+        .build()
+        .unwrap();
     other.set("k", s("v2")).await.unwrap();
-    assert!(eventually(|| capped.peek("k").is_none()).await, "the cap expires L1 despite the 1 h duration");
-    assert_eq!(capped.get("k").await, Some(s("v2")), "and the next read revalidates from L2");
+    assert!(
+        eventually(|| capped.peek("k").is_none()).await,
+        "the cap expires L1 despite the 1 h duration"
+    );
+    assert_eq!(
+        capped.get("k").await,
+        Some(s("v2")),
+        "and the next read revalidates from L2"
+    );
 }
 
 #[tokio::test]
@@ -342,17 +414,29 @@ async fn reconnection_marks_l1_stale_and_replays_queued_notifications() {
     assert!(eventually(|| a.backplane_state() == fusioncache::BackplaneState::Disconnected).await);
     // While disconnected, b revalidates its L1 against L2 on every read.
     a.set("k", s("v2")).await.unwrap();
-    assert!(eventually(|| a.pending_notifications() == 1).await, "queued, not lost");
+    assert!(
+        eventually(|| a.pending_notifications() == 1).await,
+        "queued, not lost"
+    );
     assert_eq!(b.get("k").await, Some(s("v2")));
     a.remove("gone").await.unwrap();
     a.set("k", s("v3")).await.unwrap();
-    assert!(eventually(|| a.pending_notifications() == 2).await, "one per key, newest wins");
+    assert!(
+        eventually(|| a.pending_notifications() == 2).await,
+        "one per key, newest wins"
+    );
 
-    b.set_with("local", s("x"), &EntryOptions::new().skip_l2(true)).await.unwrap();
+    b.set_with("local", s("x"), &EntryOptions::new().skip_l2(true))
+        .await
+        .unwrap();
     c.bus.reconnect();
     assert!(eventually(|| a.pending_notifications() == 0).await);
     assert!(eventually(|| b.stats().l1_mark_all_stale == 1).await);
-    assert_eq!(b.peek("local"), None, "every L1 entry is stale after a reconnection");
+    assert_eq!(
+        b.peek("local"),
+        None,
+        "every L1 entry is stale after a reconnection"
+    );
     assert_eq!(b.get("k").await, Some(s("v3")));
     assert_eq!(a.stats().backplane_replayed, 2);
 }
@@ -367,8 +451,15 @@ async fn l2_down_keeps_serving_from_l1() {
     l2.set_unavailable(true);
     c.bus.disconnect();
     assert!(eventually(|| b.backplane_state() == fusioncache::BackplaneState::Disconnected).await);
-    assert_eq!(b.get("k").await, Some(s("v1")), "unverifiable, but the best there is");
-    assert!(b.try_get("missing").await.is_err(), "try_get surfaces the L2 error");
+    assert_eq!(
+        b.get("k").await,
+        Some(s("v1")),
+        "unverifiable, but the best there is"
+    );
+    assert!(
+        b.try_get("missing").await.is_err(),
+        "try_get surfaces the L2 error"
+    );
     assert!(b.stats().l2_errors >= 1);
 }
 
@@ -389,7 +480,9 @@ async fn clear_empties_every_node() {
 async fn skip_l2_keeps_a_value_local() {
     let c = cluster(2, true, EntryOptions::new()).await;
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    a.set_with("k", s("local"), &EntryOptions::new().skip_l2(true)).await.unwrap();
+    a.set_with("k", s("local"), &EntryOptions::new().skip_l2(true))
+        .await
+        .unwrap();
     assert_eq!(a.get("k").await, Some(s("local")));
     assert_eq!(b.get("k").await, None);
     assert!(c.l2.as_ref().unwrap().is_empty());
@@ -420,7 +513,10 @@ async fn jitter_and_l1_duration_shape_freshness() {
         .unwrap();
     cache.set("k", s("v")).await.unwrap();
     assert_eq!(cache.peek("k"), Some(s("v")));
-    assert!(eventually(|| cache.peek("k").is_none()).await, "L1 freshness is the short one");
+    assert!(
+        eventually(|| cache.peek("k").is_none()).await,
+        "L1 freshness is the short one"
+    );
     assert_eq!(cache.get("k").await, Some(s("v")), "L2 keeps the long one");
     assert_eq!(cache.stats().l2_hits, 1);
 }
@@ -443,7 +539,10 @@ async fn dropping_a_cache_stops_its_receiver() {
     let bus = MemoryBackplane::new();
     let channel;
     {
-        let node: FusionCache<String> = FusionCache::builder().backplane(bus.clone()).build().unwrap();
+        let node: FusionCache<String> = FusionCache::builder()
+            .backplane(bus.clone())
+            .build()
+            .unwrap();
         assert!(node.wait_for_backplane(WAIT).await);
         channel = node.channel().to_string();
         assert_eq!(bus.subscriber_count(&channel), 1);

@@ -1,1 +1,479 @@
-//! NATS transport (feature `nats`).
+//! The NATS subject backplane (feature `nats`).
+//!
+//! The channel name is the subject (`products.Backplane:v2`); names that are not valid NATS subjects are
+//! rejected when the cache is built ([`validate_subject`]). One [`NatsBackplane`] holds one NATS connection
+//! for all the caches that share it. async-nats owns reconnection (and re-subscription); its connection
+//! events become the `Connected` / `Disconnected` events of every subscription.
+//!
+//! Authentication and TLS are configured as async-nats users expect: in the URL
+//! (`nats://user:password@host:4222`, `nats://token@host:4222`, `tls://host:4222`) or in [`NatsOptions`]
+//! (credentials file, NKey seed, token, user/password, root CA and client certificate).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use fusioncache::{FusionCache, backplane::nats::{NatsBackplane, NatsOptions}};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let options = NatsOptions::new("nats://n1:4222,nats://n2:4222").credentials_file("/etc/nats/app.creds");
+//! let backplane = Arc::new(NatsBackplane::connect_with(options).await?);
+//! let cache: FusionCache<String> = FusionCache::builder()
+//!     .name("products")
+//!     .shared_backplane(backplane)
+//!     .build()?;
+//! # let _ = cache; Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::{Client, ConnectOptions, Event, ServerAddr};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{Backplane, BackplaneError, BackplaneEvent, Subscription, SUBSCRIPTION_BUFFER};
+
+/// Checks that `subject` is a valid NATS subject to publish on: non-empty tokens separated by `.`, no
+/// whitespace, no wildcard (`*`, `>`).
+pub fn validate_subject(subject: &str) -> Result<(), BackplaneError> {
+    let invalid = |reason: &str| {
+        Err(BackplaneError::InvalidChannel {
+            channel: subject.to_string(),
+            reason: format!("not a valid NATS subject: {reason}"),
+        })
+    };
+    if subject.is_empty() {
+        return invalid("empty");
+    }
+    if let Some(c) = subject
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control())
+    {
+        return invalid(&format!(
+            "contains whitespace or a control character ({c:?})"
+        ));
+    }
+    if subject.contains(['*', '>']) {
+        return invalid(
+            "contains a wildcard (`*` or `>`); use another cache name or channel prefix",
+        );
+    }
+    if subject.split('.').any(str::is_empty) {
+        return invalid("has an empty token (a leading, trailing or doubled `.`)");
+    }
+    Ok(())
+}
+
+/// How to connect to NATS.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// Server URLs, comma separated (`nats://`, `tls://`; credentials may be inline).
+    pub url: String,
+    /// A `.creds` file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// An NKey seed.
+    pub nkey_seed: Option<String>,
+    /// A token.
+    pub token: Option<String>,
+    /// User and password.
+    pub user_password: Option<(String, String)>,
+    /// Require TLS.
+    pub tls_required: bool,
+    /// A PEM file of root certificates to trust.
+    pub root_certificates: Option<PathBuf>,
+    /// A client certificate and its key (PEM files), for mutual TLS.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+    /// The connection name the server shows.
+    pub name: Option<String>,
+    /// The longest a connection attempt may take (default 2 s).
+    pub connection_timeout: Duration,
+}
+
+impl NatsOptions {
+    /// Options for `url` (one or more comma-separated server URLs).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            credentials_file: None,
+            nkey_seed: None,
+            token: None,
+            user_password: None,
+            tls_required: false,
+            root_certificates: None,
+            client_certificate: None,
+            name: None,
+            connection_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Authenticates with a `.creds` file.
+    #[must_use]
+    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.credentials_file = Some(path.into());
+        self
+    }
+
+    /// Authenticates with an NKey seed.
+    #[must_use]
+    pub fn nkey(mut self, seed: impl Into<String>) -> Self {
+        self.nkey_seed = Some(seed.into());
+        self
+    }
+
+    /// Authenticates with a token.
+    #[must_use]
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Authenticates with a user and password.
+    #[must_use]
+    pub fn user_and_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.user_password = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Requires TLS, trusting `root_certificates` (a PEM file) when given.
+    #[must_use]
+    pub fn tls(mut self, root_certificates: Option<PathBuf>) -> Self {
+        self.tls_required = true;
+        self.root_certificates = root_certificates;
+        self
+    }
+
+    /// A client certificate for mutual TLS.
+    #[must_use]
+    pub fn client_certificate(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_certificate = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The connection name.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    fn servers(&self) -> Result<Vec<ServerAddr>, BackplaneError> {
+        let servers = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<ServerAddr>()
+                    .map_err(|e| BackplaneError::Config(format!("invalid NATS URL `{s}`: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if servers.is_empty() {
+            return Err(BackplaneError::Config("no NATS server URL".into()));
+        }
+        Ok(servers)
+    }
+
+    async fn connect_options(&self) -> Result<ConnectOptions, BackplaneError> {
+        let mut o = match &self.credentials_file {
+            Some(path) => ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|e| {
+                    BackplaneError::Config(format!(
+                        "cannot read NATS credentials file {}: {e}",
+                        path.display()
+                    ))
+                })?,
+            None => ConnectOptions::new(),
+        };
+        if let Some(seed) = &self.nkey_seed {
+            o = o.nkey(seed.clone());
+        }
+        if let Some(token) = &self.token {
+            o = o.token(token.clone());
+        }
+        if let Some((user, password)) = &self.user_password {
+            o = o.user_and_password(user.clone(), password.clone());
+        }
+        if self.tls_required {
+            o = o.require_tls(true);
+        }
+        if let Some(ca) = &self.root_certificates {
+            o = o.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &self.client_certificate {
+            o = o.add_client_certificate(cert.clone(), key.clone());
+        }
+        if let Some(name) = &self.name {
+            o = o.name(name);
+        }
+        Ok(o.connection_timeout(self.connection_timeout)
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((50u64 << attempts.min(6)).min(2_000))
+            })
+            .retry_on_initial_connect())
+    }
+}
+
+#[derive(Default)]
+struct Channel {
+    senders: Vec<mpsc::Sender<BackplaneEvent>>,
+    forwarder: Option<tokio::task::AbortHandle>,
+}
+
+type Channels = Arc<Mutex<HashMap<String, Channel>>>;
+
+/// A backplane over NATS core subjects.
+pub struct NatsBackplane {
+    client: Client,
+    channels: Channels,
+    events_task: tokio::task::AbortHandle,
+}
+
+impl std::fmt::Debug for NatsBackplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBackplane")
+            .field("state", &self.client.connection_state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsBackplane {
+    /// Connects to `url` (returns at once; the connection is retried in the background until it succeeds).
+    pub async fn connect(url: &str) -> Result<Self, BackplaneError> {
+        Self::connect_with(NatsOptions::new(url)).await
+    }
+
+    /// Connects with explicit options.
+    pub async fn connect_with(options: NatsOptions) -> Result<Self, BackplaneError> {
+        let servers = options.servers()?;
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let connect = options
+            .connect_options()
+            .await?
+            .event_callback(move |event| {
+                let tx = events_tx.clone();
+                async move {
+                    let _ = tx.send(event);
+                }
+            });
+        let client = connect
+            .connect(servers)
+            .await
+            .map_err(|e| BackplaneError::Transport(e.to_string()))?;
+        let channels: Channels = Arc::default();
+        let events_task = tokio::spawn(forward_connection_events(
+            client.clone(),
+            channels.clone(),
+            events_rx,
+        ))
+        .abort_handle();
+        Ok(Self {
+            client,
+            channels,
+            events_task,
+        })
+    }
+
+    /// The async-nats client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Drop for NatsBackplane {
+    fn drop(&mut self) {
+        self.events_task.abort();
+        for channel in self
+            .channels
+            .lock()
+            .expect("nats backplane lock")
+            .values_mut()
+        {
+            if let Some(f) = channel.forwarder.take() {
+                f.abort();
+            }
+        }
+    }
+}
+
+async fn notify(channels: &Channels, only: Option<&str>, event: BackplaneEvent) {
+    let targets: Vec<_> = {
+        let mut map = channels.lock().expect("nats backplane lock");
+        map.iter_mut()
+            .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
+            .flat_map(|(_, ch)| {
+                ch.senders.retain(|s| !s.is_closed());
+                ch.senders.clone()
+            })
+            .collect()
+    };
+    for tx in targets {
+        let _ = tx.send(event.clone()).await;
+    }
+}
+
+async fn forward_connection_events(
+    client: Client,
+    channels: Channels,
+    mut events: mpsc::UnboundedReceiver<Event>,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Connected => {
+                // Make sure the re-sent subscriptions reached the server before saying so.
+                if client.flush().await.is_ok() {
+                    tracing::info!("nats backplane connected");
+                    notify(&channels, None, BackplaneEvent::Connected).await;
+                }
+            }
+            Event::Disconnected | Event::Closed => {
+                tracing::warn!(%event, "nats backplane disconnected");
+                notify(
+                    &channels,
+                    None,
+                    BackplaneEvent::Disconnected {
+                        reason: event.to_string(),
+                    },
+                )
+                .await;
+            }
+            Event::SlowConsumer(sid) => {
+                // Messages were dropped by the client: this node may have missed notifications.
+                tracing::warn!(
+                    sid,
+                    "nats slow consumer: notifications dropped; marking L1 stale"
+                );
+                notify(
+                    &channels,
+                    None,
+                    BackplaneEvent::Disconnected {
+                        reason: event.to_string(),
+                    },
+                )
+                .await;
+                notify(&channels, None, BackplaneEvent::Connected).await;
+            }
+            other => tracing::info!(event = %other, "nats connection event"),
+        }
+    }
+}
+
+/// Subscribes (retrying until the connection allows it) and forwards every message to the channel's senders.
+async fn forward_messages(client: Client, channels: Channels, subject: String) {
+    let mut delay = Duration::from_millis(50);
+    let mut subscriber = loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "nats subscribe failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    if client.flush().await.is_ok() && client.connection_state() == State::Connected {
+        notify(&channels, Some(&subject), BackplaneEvent::Connected).await;
+    }
+    while let Some(message) = subscriber.next().await {
+        let targets: Vec<_> = channels
+            .lock()
+            .expect("nats backplane lock")
+            .get(&subject)
+            .map(|ch| {
+                ch.senders
+                    .iter()
+                    .filter(|s| !s.is_closed())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for tx in targets {
+            let _ = tx
+                .send(BackplaneEvent::Message(message.payload.clone()))
+                .await;
+        }
+    }
+}
+
+impl Backplane for NatsBackplane {
+    fn validate_channel(&self, channel: &str) -> Result<(), BackplaneError> {
+        validate_subject(channel)
+    }
+
+    fn subscribe(&self, channel: &str) -> Result<Subscription, BackplaneError> {
+        validate_subject(channel)?;
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let mut map = self.channels.lock().expect("nats backplane lock");
+        let entry = map.entry(channel.to_string()).or_default();
+        match &entry.forwarder {
+            // Already subscribed: the new subscriber is live now if the connection is.
+            Some(_) => {
+                if self.client.connection_state() == State::Connected {
+                    let _ = tx.try_send(BackplaneEvent::Connected);
+                }
+            }
+            None => {
+                let task = tokio::spawn(forward_messages(
+                    self.client.clone(),
+                    self.channels.clone(),
+                    channel.to_string(),
+                ));
+                entry.forwarder = Some(task.abort_handle());
+            }
+        }
+        entry.senders.push(tx);
+        Ok(Subscription::new(rx))
+    }
+
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<(), BackplaneError>> {
+        Box::pin(async move {
+            // async-nats would buffer while disconnected; the cache's own queue (one per key) is better.
+            if self.client.connection_state() != State::Connected {
+                return Err(BackplaneError::NotConnected);
+            }
+            self.client
+                .publish(channel.to_string(), payload)
+                .await
+                .map_err(|e| BackplaneError::Transport(e.to_string()))
+        })
+    }
+
+    fn transport_name(&self) -> &'static str {
+        "nats"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_subject;
+
+    #[test]
+    fn channel_names_are_checked_as_nats_subjects() {
+        assert!(validate_subject("products.Backplane:v2").is_ok());
+        assert!(validate_subject("shop.prod.products.Backplane:v2").is_ok());
+        for bad in [
+            "",
+            "my cache.Backplane:v2",
+            "a*.Backplane:v2",
+            "a>.Backplane:v2",
+            ".a.Backplane:v2",
+            "a..b",
+            "tab\t.x",
+        ] {
+            let err = validate_subject(bad).unwrap_err().to_string();
+            assert!(err.contains("not a valid NATS subject"), "{bad:?}: {err}");
+        }
+    }
+}

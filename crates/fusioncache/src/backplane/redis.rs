@@ -1,1 +1,292 @@
-//! Redis transports (feature `redis`).
+//! The Redis pub/sub backplane (feature `redis`).
+//!
+//! One [`RedisBackplane`] keeps one pub/sub connection for every channel subscribed through it (share it
+//! between the caches of a process with
+//! [`shared_backplane`](crate::FusionCacheBuilder::shared_backplane)) and publishes through the shared
+//! multiplexed connection of its [`RedisConnection`]. The pub/sub connection is watched (the stream ending,
+//! and a periodic PING) and re-established with capped exponential backoff; every subscription hears
+//! `Disconnected` when it drops and `Connected` once its channel is subscribed again.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use fusioncache::{FusionCache, backplane::redis::RedisBackplane, l2::redis::RedisDistributedCache, redis::RedisConnection};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisConnection::open("redis://127.0.0.1:6379/0")?;
+//! let backplane = Arc::new(RedisBackplane::new(redis.clone()));
+//! let products: FusionCache<String> = FusionCache::builder()
+//!     .name("products")
+//!     .distributed_cache(RedisDistributedCache::new(redis.clone()))
+//!     .shared_backplane(backplane.clone())
+//!     .build()?;
+//! let prices: FusionCache<f64> = FusionCache::builder()
+//!     .name("prices")
+//!     .distributed_cache(RedisDistributedCache::new(redis.clone()))
+//!     .shared_backplane(backplane) // the same pub/sub connection
+//!     .build()?;
+//! # let _ = (products, prices); Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{Backplane, BackplaneError, BackplaneEvent, Subscription, SUBSCRIPTION_BUFFER};
+use crate::redis::RedisConnection;
+
+type Subscribers = Arc<Mutex<HashMap<String, Vec<mpsc::Sender<BackplaneEvent>>>>>;
+
+/// A backplane over Redis pub/sub.
+pub struct RedisBackplane {
+    connection: RedisConnection,
+    subscribers: Subscribers,
+    /// Tells the pub/sub task about new channels; dropping it stops the task.
+    commands: Mutex<Option<mpsc::UnboundedSender<String>>>,
+}
+
+impl std::fmt::Debug for RedisBackplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackplane")
+            .field("endpoint", &self.connection.endpoint())
+            .finish()
+    }
+}
+
+impl RedisBackplane {
+    /// A backplane on `connection`'s endpoint. The pub/sub connection opens on the first subscription.
+    pub fn new(connection: RedisConnection) -> Self {
+        Self {
+            connection,
+            subscribers: Arc::default(),
+            commands: Mutex::new(None),
+        }
+    }
+
+    /// Opens the endpoint at `url` (see [`RedisConnection::open`]).
+    pub fn open(url: &str) -> Result<Self, BackplaneError> {
+        RedisConnection::open(url)
+            .map(Self::new)
+            .map_err(|e| BackplaneError::Config(e.to_string()))
+    }
+
+    /// The shared connection.
+    pub fn connection(&self) -> &RedisConnection {
+        &self.connection
+    }
+
+    fn commands(&self) -> mpsc::UnboundedSender<String> {
+        let mut commands = self.commands.lock().expect("redis backplane lock");
+        commands
+            .get_or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(run_pubsub(
+                    self.connection.clone(),
+                    self.subscribers.clone(),
+                    rx,
+                ));
+                tx
+            })
+            .clone()
+    }
+}
+
+impl Drop for RedisBackplane {
+    fn drop(&mut self) {
+        // Closing the command channel ends the pub/sub task.
+        self.commands.get_mut().ok().and_then(|c| c.take());
+    }
+}
+
+impl Backplane for RedisBackplane {
+    fn subscribe(&self, channel: &str) -> Result<Subscription, BackplaneError> {
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        self.subscribers
+            .lock()
+            .expect("redis backplane lock")
+            .entry(channel.to_string())
+            .or_default()
+            .push(tx);
+        self.commands()
+            .send(channel.to_string())
+            .map_err(|_| BackplaneError::Transport("redis pub/sub task has stopped".into()))?;
+        Ok(Subscription::new(rx))
+    }
+
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<(), BackplaneError>> {
+        Box::pin(async move {
+            let mut conn = self
+                .connection
+                .manager()
+                .await
+                .map_err(|e| BackplaneError::Transport(e.to_string()))?;
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload.as_ref())
+                .query_async::<i64>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| BackplaneError::Transport(e.to_string()))
+        })
+    }
+
+    fn transport_name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// Sends `event` to every subscriber of `channels` (all when `None`), pruning the closed ones.
+async fn notify(subscribers: &Subscribers, channels: Option<&[String]>, event: BackplaneEvent) {
+    let targets: Vec<_> = {
+        let mut map = subscribers.lock().expect("redis backplane lock");
+        map.retain(|_, subs| {
+            subs.retain(|s| !s.is_closed());
+            !subs.is_empty()
+        });
+        map.iter()
+            .filter(|(ch, _)| channels.is_none_or(|c| c.contains(ch)))
+            .flat_map(|(_, subs)| subs.iter().cloned())
+            .collect()
+    };
+    for tx in targets {
+        let _ = tx.send(event.clone()).await;
+    }
+}
+
+fn channel_list(subscribers: &Subscribers) -> Vec<String> {
+    subscribers
+        .lock()
+        .expect("redis backplane lock")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// The pub/sub task: connect, subscribe every channel, forward messages; on loss, tell everyone and retry
+/// with capped exponential backoff. Ends when the backplane is dropped.
+async fn run_pubsub(
+    connection: RedisConnection,
+    subscribers: Subscribers,
+    mut commands: mpsc::UnboundedReceiver<String>,
+) {
+    let options = connection.options().clone();
+    let mut delay = Duration::from_millis(50);
+    let mut was_connected = false;
+    let mut failures = 0u32;
+    loop {
+        let attempt = tokio::time::timeout(
+            options.connection_timeout,
+            connection.client().get_async_pubsub(),
+        )
+        .await;
+        let pubsub = match attempt {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(e)) => {
+                log_failure(&connection, &mut failures, &e.to_string());
+                None
+            }
+            Err(_) => {
+                log_failure(&connection, &mut failures, "connection timed out");
+                None
+            }
+        };
+        let Some(pubsub) = pubsub else {
+            // Drain channel registrations while waiting; they are subscribed on the next connection.
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                cmd = commands.recv() => if cmd.is_none() { return },
+            }
+            delay = (delay * 2).min(options.max_reconnect_delay);
+            continue;
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let channels = channel_list(&subscribers);
+        if !channels.is_empty() {
+            if let Err(e) = sink.subscribe(&channels).await {
+                log_failure(&connection, &mut failures, &e.to_string());
+                continue;
+            }
+        }
+        failures = 0;
+        delay = Duration::from_millis(50);
+        tracing::info!(
+            endpoint = connection.endpoint(),
+            channels = channels.len(),
+            reconnected = was_connected,
+            "redis pub/sub connected"
+        );
+        was_connected = true;
+        notify(&subscribers, Some(&channels), BackplaneEvent::Connected).await;
+        let mut subscribed = channels;
+
+        let mut health = tokio::time::interval(options.health_check_interval);
+        health.tick().await;
+        let reason = loop {
+            tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(msg) => {
+                        let channel = msg.get_channel_name();
+                        let targets: Vec<_> = subscribers
+                            .lock()
+                            .expect("redis backplane lock")
+                            .get(channel)
+                            .map(|subs| subs.iter().filter(|s| !s.is_closed()).cloned().collect())
+                            .unwrap_or_default();
+                        let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
+                        for tx in targets {
+                            let _ = tx.send(BackplaneEvent::Message(payload.clone())).await;
+                        }
+                    }
+                    None => break "connection closed".to_string(),
+                },
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(channel) => {
+                        if subscribed.contains(&channel) {
+                            notify(&subscribers, Some(std::slice::from_ref(&channel)), BackplaneEvent::Connected).await;
+                            continue;
+                        }
+                        match sink.subscribe(&channel).await {
+                            Ok(()) => {
+                                notify(&subscribers, Some(std::slice::from_ref(&channel)), BackplaneEvent::Connected).await;
+                                subscribed.push(channel);
+                            }
+                            Err(e) => break e.to_string(),
+                        }
+                    }
+                },
+                _ = health.tick() => {
+                    let ping = tokio::time::timeout(options.response_timeout, sink.ping::<String>()).await;
+                    match ping {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => break format!("health check failed: {e}"),
+                        Err(_) => break "health check timed out".to_string(),
+                    }
+                }
+            }
+        };
+        tracing::warn!(endpoint = connection.endpoint(), %reason, "redis pub/sub disconnected; reconnecting");
+        notify(&subscribers, None, BackplaneEvent::Disconnected { reason }).await;
+    }
+}
+
+fn log_failure(connection: &RedisConnection, failures: &mut u32, error: &str) {
+    *failures += 1;
+    // Log the first failure and then every 20th, so an outage does not flood the logs.
+    if *failures == 1 || *failures % 20 == 0 {
+        tracing::warn!(
+            endpoint = connection.endpoint(),
+            attempts = *failures,
+            error,
+            "redis pub/sub connection failed"
+        );
+    }
+}

@@ -1,1 +1,139 @@
-//! Redis distributed cache (feature `redis`).
+//! The Redis distributed cache (feature `redis`).
+
+use std::time::Duration;
+
+use super::{DistributedCache, L2Error};
+use crate::redis::RedisConnection;
+
+/// A [`DistributedCache`] on Redis: `GET`, `SET … PX`, `UNLINK`, in the connection's database, every key
+/// under an optional prefix (`{key_prefix}{key}`).
+///
+/// ```no_run
+/// use fusioncache::{FusionCache, l2::redis::RedisDistributedCache, redis::RedisConnection};
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let redis = RedisConnection::open("redis://127.0.0.1:6379/3")?; // database 3
+/// let cache: FusionCache<String> = FusionCache::builder()
+///     .distributed_cache(RedisDistributedCache::new(redis).key_prefix("shop:"))
+///     .build()?;
+/// # let _ = cache; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisDistributedCache {
+    connection: RedisConnection,
+    key_prefix: String,
+}
+
+impl RedisDistributedCache {
+    /// A distributed cache on `connection` (its database index), without key prefix.
+    pub fn new(connection: RedisConnection) -> Self {
+        Self {
+            connection,
+            key_prefix: String::new(),
+        }
+    }
+
+    /// Puts every key under `prefix` (and makes `clear` remove only those).
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    fn key(&self, key: &str) -> String {
+        let mut k = String::with_capacity(self.key_prefix.len() + key.len());
+        k.push_str(&self.key_prefix);
+        k.push_str(key);
+        k
+    }
+
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, L2Error> {
+        self.connection.manager().await.map_err(unavailable)
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> L2Error {
+    L2Error::Unavailable(e.to_string())
+}
+
+/// Escapes the glob characters of a `SCAN MATCH` pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[async_trait::async_trait]
+impl DistributedCache for RedisDistributedCache {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, L2Error> {
+        let mut conn = self.conn().await?;
+        redis::cmd("GET")
+            .arg(self.key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), L2Error> {
+        let mut conn = self.conn().await?;
+        let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+        redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(value)
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), L2Error> {
+        let mut conn = self.conn().await?;
+        redis::cmd("UNLINK")
+            .arg(self.key(key))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn clear(&self) -> Result<(), L2Error> {
+        let mut conn = self.conn().await?;
+        let pattern = format!("{}*", glob_escape(&self.key_prefix));
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if !keys.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(keys)
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(super::glob_escape("a*b?c[d]e\\f"), "a\\*b\\?c\\[d\\]e\\\\f");
+        assert_eq!(super::glob_escape("shop:"), "shop:");
+    }
+}

@@ -1,0 +1,147 @@
+//! A Redis endpoint shared by the Redis L2 and the Redis backplane of a process (feature `redis`).
+//!
+//! A [`RedisConnection`] holds one multiplexed, self-reconnecting connection (redis-rs `ConnectionManager`),
+//! opened on first use. Clone it to share it: every [`RedisDistributedCache`](crate::l2::redis::RedisDistributedCache)
+//! and [`RedisBackplane`](crate::backplane::redis::RedisBackplane) built from clones of one connection use
+//! the same socket for commands.
+//!
+//! The URL carries everything: `redis://[user:password@]host:port[/db]`, `rediss://` for TLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::IntoConnectionInfo;
+use tokio::sync::OnceCell;
+
+/// Timeouts and reconnection settings of a Redis endpoint.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// The longest a connection attempt may take (default 1 s).
+    pub connection_timeout: Duration,
+    /// The longest a command may wait for its reply (default 2 s).
+    pub response_timeout: Duration,
+    /// Reconnection attempts per failed command before it fails (default 1: fail fast, the cache has
+    /// fail-safe and auto-recovery).
+    pub reconnect_retries: usize,
+    /// The longest pause between reconnection attempts of the pub/sub connection (default 2 s).
+    pub max_reconnect_delay: Duration,
+    /// How often the pub/sub connection is pinged to detect a dead peer (default 5 s).
+    pub health_check_interval: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            connection_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(2),
+            reconnect_retries: 1,
+            max_reconnect_delay: Duration::from_secs(2),
+            health_check_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A Redis endpoint: a client and one lazily opened, shared, self-reconnecting connection.
+#[derive(Clone)]
+pub struct RedisConnection {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    options: RedisOptions,
+    manager: OnceCell<ConnectionManager>,
+    display: String,
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConnection")
+            .field("endpoint", &self.inner.display)
+            .finish()
+    }
+}
+
+impl RedisConnection {
+    /// Parses `url` (`redis://`, `rediss://`, `unix://`); connects on first use.
+    pub fn open(url: &str) -> Result<Self, redis::RedisError> {
+        Self::open_with(url, RedisOptions::default())
+    }
+
+    /// [`open`](Self::open) with explicit options.
+    pub fn open_with(url: &str, options: RedisOptions) -> Result<Self, redis::RedisError> {
+        let info = url.into_connection_info()?;
+        Self::from_info(info, options)
+    }
+
+    /// Builds the URL from parts: credentials and database override what the URL says.
+    pub fn open_parts(
+        url: &str,
+        database: Option<u32>,
+        username: Option<&str>,
+        password: Option<&str>,
+        options: RedisOptions,
+    ) -> Result<Self, redis::RedisError> {
+        let info = url.into_connection_info()?;
+        let mut redis_info = info.redis_settings().clone();
+        if let Some(db) = database {
+            redis_info = redis_info.set_db(i64::from(db));
+        }
+        if let Some(user) = username {
+            redis_info = redis_info.set_username(user);
+        }
+        if let Some(password) = password {
+            redis_info = redis_info.set_password(password);
+        }
+        Self::from_info(info.set_redis_settings(redis_info), options)
+    }
+
+    fn from_info(
+        info: redis::ConnectionInfo,
+        options: RedisOptions,
+    ) -> Result<Self, redis::RedisError> {
+        let display = format!("{} db {}", info.addr(), info.redis_settings().db());
+        let client = redis::Client::open(info)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                options,
+                manager: OnceCell::new(),
+                display,
+            }),
+        })
+    }
+
+    /// The endpoint, for logs (`host:port db N`, never credentials).
+    pub fn endpoint(&self) -> &str {
+        &self.inner.display
+    }
+
+    /// The options.
+    pub fn options(&self) -> &RedisOptions {
+        &self.inner.options
+    }
+
+    /// The redis-rs client (for a dedicated connection, e.g. pub/sub).
+    pub fn client(&self) -> &redis::Client {
+        &self.inner.client
+    }
+
+    /// The shared multiplexed connection (cheap to clone).
+    pub async fn manager(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let o = &self.inner.options;
+        self.inner
+            .manager
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(o.connection_timeout))
+                    .set_response_timeout(Some(o.response_timeout))
+                    .set_number_of_retries(o.reconnect_retries)
+                    .set_max_delay(o.max_reconnect_delay);
+                ConnectionManager::new_lazy_with_config(self.inner.client.clone(), config)
+            })
+            .await
+            .cloned()
+    }
+}

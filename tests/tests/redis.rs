@@ -1,0 +1,257 @@
+//! The Redis L2 and pub/sub backplane against real `redis-server` processes.
+
+use fusioncache::backplane::{now_ticks, Action, BackplaneMessage};
+use fusioncache::{BackplaneState, EntryOptions};
+use fusioncache_integration_tests::{eventually, eventually_async, redis_node, s, WAIT};
+use fusioncache_testkit::RedisServer;
+
+async fn connected(nodes: &[&fusioncache::FusionCache<String>]) {
+    for n in nodes {
+        assert!(
+            n.wait_for_backplane(WAIT).await,
+            "backplane of {} did not connect",
+            n.instance_id()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_with_separate_connections_converge() {
+    let server = RedisServer::start().unwrap();
+    let opts = EntryOptions::new().fail_safe(true);
+    let [a, b, c] = ["a", "b", "c"].map(|_| redis_node(&server.url(), "products", opts.clone()));
+    connected(&[&a, &b, &c]).await;
+
+    a.set("k", s("v1")).await.unwrap();
+    assert_eq!(b.get("k").await, Some(s("v1")));
+    assert_eq!(c.get("k").await, Some(s("v1")));
+
+    // set
+    a.set("k", s("v2")).await.unwrap();
+    assert!(eventually(|| b.peek("k") == Some(s("v2")) && c.peek("k") == Some(s("v2"))).await);
+
+    // expire
+    b.expire("k").await.unwrap();
+    assert!(eventually(|| a.peek("k").is_none() && c.peek("k").is_none()).await);
+    assert_eq!(c.get("k").await, None, "expired in L2 as well");
+
+    // remove
+    a.set("k", s("v3")).await.unwrap();
+    assert_eq!(b.get("k").await, Some(s("v3")));
+    assert_eq!(c.get("k").await, Some(s("v3")));
+    c.remove("k").await.unwrap();
+    assert!(eventually(|| a.peek("k").is_none() && b.peek("k").is_none()).await);
+    assert_eq!(a.get("k").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caches_with_different_names_do_not_see_each_others_messages() {
+    let server = RedisServer::start().unwrap();
+    let opts = EntryOptions::new();
+    let (p1, p2) = (
+        redis_node(&server.url(), "products", opts.clone()),
+        redis_node(&server.url(), "products", opts.clone()),
+    );
+    let (u1, u2) = (
+        redis_node(&server.url(), "users", opts.clone()),
+        redis_node(&server.url(), "users", opts.clone()),
+    );
+    connected(&[&p1, &p2, &u1, &u2]).await;
+    // Skip L2 so that each node's L1 copy is its own.
+    let local = EntryOptions::new()
+        .skip_l2(true)
+        .skip_backplane_notifications(true);
+    for n in [&p2, &u2] {
+        n.set_with("k", s("mine"), &local).await.unwrap();
+    }
+    p1.remove("k").await.unwrap();
+    assert!(
+        eventually(|| p2.peek("k").is_none()).await,
+        "same name: notified"
+    );
+    assert!(
+        eventually(|| u2.stats().backplane_received == 0 && p2.stats().backplane_received == 1)
+            .await
+    );
+    assert_eq!(u2.peek("k"), Some(s("mine")), "other name: untouched");
+    assert_eq!(u2.stats().backplane_received, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caches_on_different_databases_do_not_see_each_others_keys() {
+    let server = RedisServer::start().unwrap();
+    let db1 = format!("{}/1", server.url());
+    let db2 = format!("{}/2", server.url());
+    let opts = EntryOptions::new();
+    let (a, b) = (
+        redis_node(&db1, "one", opts.clone()),
+        redis_node(&db2, "two", opts.clone()),
+    );
+    a.set("shared-key", s("in db 1")).await.unwrap();
+    assert_eq!(b.get("shared-key").await, None);
+    b.set("shared-key", s("in db 2")).await.unwrap();
+    let a2 = redis_node(&db1, "one", opts);
+    assert_eq!(a2.get("shared-key").await, Some(s("in db 1")));
+    assert!(server.command(&["SELECT", "2"]).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_run_reconnects_replays_and_serves_no_stale_value() {
+    let mut server = RedisServer::start().unwrap();
+    let opts = EntryOptions::new().fail_safe(true);
+    let (a, b) = (
+        redis_node(&server.url(), "products", opts.clone()),
+        redis_node(&server.url(), "products", opts),
+    );
+    connected(&[&a, &b]).await;
+    a.set("k", s("v1")).await.unwrap();
+    assert_eq!(b.get("k").await, Some(s("v1")));
+
+    server.stop();
+    assert!(
+        eventually(|| a.backplane_state() == BackplaneState::Disconnected
+            && b.backplane_state() == BackplaneState::Disconnected)
+        .await
+    );
+    // Reads keep working from L1 while Redis is down.
+    assert_eq!(b.get("k").await, Some(s("v1")));
+    // A write while down: L1 updated, L2 fails, the notification is queued.
+    assert!(
+        a.set("k", s("v2")).await.is_err(),
+        "the L2 write fails and says so"
+    );
+    assert!(eventually(|| a.pending_notifications() == 1).await);
+
+    server.restart().unwrap();
+    connected(&[&a, &b]).await;
+    assert!(
+        eventually(|| a.pending_notifications() == 0).await,
+        "queued notification replayed"
+    );
+    assert!(
+        b.stats().l1_mark_all_stale >= 1,
+        "b marked its L1 stale on reconnection"
+    );
+    // Redis lost its data (no persistence): the last write lives only in a's L1. b must not serve v1.
+    assert_ne!(b.get("k").await, Some(s("v1")));
+    a.set("k", s("v3")).await.unwrap();
+    assert!(eventually_async(|| async { b.get("k").await == Some(s("v3")) }).await);
+    assert!(a.stats().backplane_replayed >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_channel_is_dropped_and_counted_while_valid_messages_apply() {
+    let server = RedisServer::start().unwrap();
+    let node = redis_node(&server.url(), "products", EntryOptions::new());
+    connected(&[&node]).await;
+    node.set_with("k", s("v"), &EntryOptions::new().skip_l2(true))
+        .await
+        .unwrap();
+    for garbage in ["", "\u{0}", "\u{0}garbage-bytes", "\u{0}\u{1}\u{0}\u{0}"] {
+        server
+            .command(&["PUBLISH", node.channel(), garbage])
+            .unwrap();
+    }
+    let valid = BackplaneMessage::new("other-node", now_ticks(), Action::Remove, "k").encode();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(node.channel())
+        .arg(valid.as_ref())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        eventually(|| node.peek("k").is_none()).await,
+        "the valid message applied"
+    );
+    assert_eq!(node.stats().backplane_malformed, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_built_byte_by_byte_as_dotnet_sends_it_is_applied() {
+    let server = RedisServer::start().unwrap();
+    let node = redis_node(
+        &server.url(),
+        "products",
+        EntryOptions::new().fail_safe(true),
+    );
+    connected(&[&node]).await;
+    node.set_with(
+        "product:42",
+        s("v"),
+        &EntryOptions::new().skip_l2(true).fail_safe(true),
+    )
+    .await
+    .unwrap();
+    // version 0 | i32 len + source id | i64 ticks | action 3 (expire) | i32 len + key — all little-endian.
+    let source = "3f2b1c9e-dotnet";
+    let key = "product:42";
+    let mut bytes = vec![0u8];
+    bytes.extend_from_slice(&(source.len() as i32).to_le_bytes());
+    bytes.extend_from_slice(source.as_bytes());
+    bytes.extend_from_slice(&now_ticks().to_le_bytes());
+    bytes.push(3);
+    bytes.extend_from_slice(&(key.len() as i32).to_le_bytes());
+    bytes.extend_from_slice(key.as_bytes());
+    // Published raw, through a plain redis-rs connection (not the library).
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg(node.channel())
+        .arg(&bytes)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(receivers, 1);
+    assert!(eventually(|| node.peek("product:42").is_none()).await);
+    assert_eq!(node.stats().backplane_received, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_from_the_url_works_and_a_wrong_password_is_a_clear_error() {
+    let server = RedisServer::start_with_args(&[
+        "--user", "app", "on", ">s3cret", "~app:*", "&app.*", "+@all",
+    ])
+    .unwrap();
+    let port = server.port();
+    let url = format!("redis://app:s3cret@127.0.0.1:{port}");
+    let redis = fusioncache::redis::RedisConnection::open_with(
+        &url,
+        fusioncache_integration_tests::fast_redis_options(),
+    )
+    .unwrap();
+    let cache: fusioncache::FusionCache<String> = fusioncache::FusionCache::builder()
+        .name("app")
+        .distributed_cache(
+            fusioncache::l2::redis::RedisDistributedCache::new(redis.clone()).key_prefix("app:"),
+        )
+        .backplane(fusioncache::backplane::redis::RedisBackplane::new(redis))
+        .build()
+        .unwrap();
+    assert!(
+        cache.wait_for_backplane(WAIT).await,
+        "subscribed to app.Backplane:v2 as the ACL user"
+    );
+    cache.set("k", s("v")).await.unwrap();
+    assert_eq!(
+        server
+            .command_as("app", "s3cret", &["GET", "app:k"])
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+
+    let bad = fusioncache::redis::RedisConnection::open_with(
+        &format!("redis://app:wrong@127.0.0.1:{port}"),
+        fusioncache_integration_tests::fast_redis_options(),
+    )
+    .unwrap();
+    let denied: fusioncache::FusionCache<String> = fusioncache::FusionCache::builder()
+        .distributed_cache(fusioncache::l2::redis::RedisDistributedCache::new(bad))
+        .build()
+        .unwrap();
+    let err = denied.set("k", s("v")).await.unwrap_err().to_string();
+    assert!(err.contains("distributed cache"), "{err}");
+}
