@@ -202,6 +202,20 @@ impl NatsOptions {
         if let Some((user, password)) = &self.user_password {
             o = o.user_and_password(user.clone(), password.clone());
         }
+        let explicit_auth = self.credentials_file.is_some()
+            || self.nkey_seed.is_some()
+            || self.token.is_some()
+            || self.user_password.is_some();
+        if !explicit_auth {
+            // Credentials in the URL: `nats://user:password@host` or `nats://token@host`.
+            if let Some(server) = self.servers()?.into_iter().find(|s| s.has_user_pass()) {
+                let user = server.username().unwrap_or_default().to_string();
+                o = match server.password() {
+                    Some(password) => o.user_and_password(user, password.to_string()),
+                    None => o.token(user),
+                };
+            }
+        }
         if self.tls_required {
             o = o.require_tls(true);
         }
