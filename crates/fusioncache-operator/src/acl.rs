@@ -106,9 +106,17 @@ pub enum AclError {
 /// Creates and deletes ACL users (on Redis, or a fake in tests).
 pub trait AclProvisioner: Send + Sync + 'static {
     /// Creates or replaces `user` on `endpoint`.
-    fn ensure_user<'a>(&'a self, endpoint: &'a RedisEndpoint, user: &'a AclUser) -> BoxFuture<'a, Result<(), AclError>>;
+    fn ensure_user<'a>(
+        &'a self,
+        endpoint: &'a RedisEndpoint,
+        user: &'a AclUser,
+    ) -> BoxFuture<'a, Result<(), AclError>>;
     /// Deletes `username` from `endpoint` (no error when it does not exist).
-    fn delete_user<'a>(&'a self, endpoint: &'a RedisEndpoint, username: &'a str) -> BoxFuture<'a, Result<(), AclError>>;
+    fn delete_user<'a>(
+        &'a self,
+        endpoint: &'a RedisEndpoint,
+        username: &'a str,
+    ) -> BoxFuture<'a, Result<(), AclError>>;
 }
 
 /// Provisions ACL users on real Redis servers, connecting with the endpoint's admin credentials.
@@ -131,7 +139,10 @@ impl RedisAclProvisioner {
         Self { timeout }
     }
 
-    async fn connect(&self, endpoint: &RedisEndpoint) -> Result<redis::aio::MultiplexedConnection, AclError> {
+    async fn connect(
+        &self,
+        endpoint: &RedisEndpoint,
+    ) -> Result<redis::aio::MultiplexedConnection, AclError> {
         let connect_err = |source| AclError::Connect {
             endpoint: endpoint.name.clone(),
             source,
@@ -145,7 +156,8 @@ impl RedisAclProvisioner {
         if let Some(password) = &endpoint.admin_password {
             redis_info = redis_info.set_password(password);
         }
-        let client = redis::Client::open(info.set_redis_settings(redis_info)).map_err(connect_err)?;
+        let client =
+            redis::Client::open(info.set_redis_settings(redis_info)).map_err(connect_err)?;
         tokio::time::timeout(self.timeout, client.get_multiplexed_async_connection())
             .await
             .map_err(|_| AclError::Timeout {
@@ -155,18 +167,24 @@ impl RedisAclProvisioner {
             .map_err(connect_err)
     }
 
-    async fn acl(&self, endpoint: &RedisEndpoint, command: &'static str, args: &[String]) -> Result<(), AclError> {
+    async fn acl(
+        &self,
+        endpoint: &RedisEndpoint,
+        command: &'static str,
+        args: &[String],
+    ) -> Result<(), AclError> {
         let mut con = self.connect(endpoint).await?;
         let mut cmd = redis::cmd("ACL");
         for arg in args {
             cmd.arg(arg);
         }
-        let result: Result<redis::Value, _> = tokio::time::timeout(self.timeout, cmd.query_async(&mut con))
-            .await
-            .map_err(|_| AclError::Timeout {
-                endpoint: endpoint.name.clone(),
-                timeout: self.timeout,
-            })?;
+        let result: Result<redis::Value, _> =
+            tokio::time::timeout(self.timeout, cmd.query_async(&mut con))
+                .await
+                .map_err(|_| AclError::Timeout {
+                    endpoint: endpoint.name.clone(),
+                    timeout: self.timeout,
+                })?;
         result.map(|_| ()).map_err(|source| AclError::Command {
             endpoint: endpoint.name.clone(),
             command,
@@ -176,14 +194,26 @@ impl RedisAclProvisioner {
 }
 
 impl AclProvisioner for RedisAclProvisioner {
-    fn ensure_user<'a>(&'a self, endpoint: &'a RedisEndpoint, user: &'a AclUser) -> BoxFuture<'a, Result<(), AclError>> {
+    fn ensure_user<'a>(
+        &'a self,
+        endpoint: &'a RedisEndpoint,
+        user: &'a AclUser,
+    ) -> BoxFuture<'a, Result<(), AclError>> {
         Box::pin(async move { self.acl(endpoint, "SETUSER", &user.setuser_args()).await })
     }
 
-    fn delete_user<'a>(&'a self, endpoint: &'a RedisEndpoint, username: &'a str) -> BoxFuture<'a, Result<(), AclError>> {
+    fn delete_user<'a>(
+        &'a self,
+        endpoint: &'a RedisEndpoint,
+        username: &'a str,
+    ) -> BoxFuture<'a, Result<(), AclError>> {
         Box::pin(async move {
-            self.acl(endpoint, "DELUSER", &["DELUSER".to_string(), username.to_string()])
-                .await
+            self.acl(
+                endpoint,
+                "DELUSER",
+                &["DELUSER".to_string(), username.to_string()],
+            )
+            .await
         })
     }
 }

@@ -183,7 +183,11 @@ impl AllocationError {
 }
 
 /// The default channel prefix: `{namespace}.{cacheName}`, plus `.{environment}` when set.
-pub fn default_channel_prefix(namespace: &str, cache_name: &str, environment: Option<&str>) -> String {
+pub fn default_channel_prefix(
+    namespace: &str,
+    cache_name: &str,
+    environment: Option<&str>,
+) -> String {
     match environment.filter(|e| !e.is_empty()) {
         Some(env) => format!("{namespace}.{cache_name}.{env}"),
         None => format!("{namespace}.{cache_name}"),
@@ -250,7 +254,12 @@ impl Allocator {
     }
 
     /// Allocates a database on `endpoint`, which has `databases` of them.
-    pub fn database(&self, endpoint: &str, choice: DatabaseChoice, databases: u32) -> Result<u32, AllocationError> {
+    pub fn database(
+        &self,
+        endpoint: &str,
+        choice: DatabaseChoice,
+        databases: u32,
+    ) -> Result<u32, AllocationError> {
         let own_held = (self.own_status.redis_endpoint.as_deref() == Some(endpoint))
             .then_some(self.own_status.redis_database)
             .flatten();
@@ -287,10 +296,10 @@ impl Allocator {
                 }
                 (0..databases)
                     .find(|i| {
-                        !self
-                            .others
-                            .iter()
-                            .any(|c| c.redis_endpoint.as_deref() == Some(endpoint) && c.redis_database == Some(*i))
+                        !self.others.iter().any(|c| {
+                            c.redis_endpoint.as_deref() == Some(endpoint)
+                                && c.redis_database == Some(*i)
+                        })
                     })
                     .ok_or_else(|| AllocationError::NoFreeDatabase {
                         endpoint: endpoint.to_string(),
@@ -350,7 +359,12 @@ mod tests {
         fc
     }
 
-    fn holding(mut fc: FusionCache, endpoint: &str, prefix: Option<&str>, db: Option<u32>) -> FusionCache {
+    fn holding(
+        mut fc: FusionCache,
+        endpoint: &str,
+        prefix: Option<&str>,
+        db: Option<u32>,
+    ) -> FusionCache {
         fc.status = Some(FusionCacheStatus {
             backplane_endpoint: Some(endpoint.into()),
             channel_prefix: prefix.map(Into::into),
@@ -367,9 +381,18 @@ mod tests {
 
     #[test]
     fn default_prefix_is_namespace_and_cache_name_plus_environment() {
-        assert_eq!(default_channel_prefix("shop", "products", None), "shop.products");
-        assert_eq!(default_channel_prefix("shop", "products", Some("prod")), "shop.products.prod");
-        assert_eq!(default_channel_prefix("shop", "products", Some("")), "shop.products");
+        assert_eq!(
+            default_channel_prefix("shop", "products", None),
+            "shop.products"
+        );
+        assert_eq!(
+            default_channel_prefix("shop", "products", Some("prod")),
+            "shop.products.prod"
+        );
+        assert_eq!(
+            default_channel_prefix("shop", "products", Some("")),
+            "shop.products"
+        );
     }
 
     #[test]
@@ -392,11 +415,20 @@ mod tests {
         let me = holding(fc("a", "me", T3), "main", Some("a.me"), Some(5));
         let all = vec![me.clone()];
         // Lower indexes are free, but the held one is kept.
-        assert_eq!(Allocator::new(&me, &all).database("main", DatabaseChoice::Auto, 16), Ok(5));
+        assert_eq!(
+            Allocator::new(&me, &all).database("main", DatabaseChoice::Auto, 16),
+            Ok(5)
+        );
         // Not on another endpoint.
-        assert_eq!(Allocator::new(&me, &all).database("other", DatabaseChoice::Auto, 16), Ok(0));
+        assert_eq!(
+            Allocator::new(&me, &all).database("other", DatabaseChoice::Auto, 16),
+            Ok(0)
+        );
         // Not when the endpoint shrank below it.
-        assert_eq!(Allocator::new(&me, &all).database("main", DatabaseChoice::Auto, 4), Ok(0));
+        assert_eq!(
+            Allocator::new(&me, &all).database("main", DatabaseChoice::Auto, 4),
+            Ok(0)
+        );
     }
 
     #[test]
@@ -407,7 +439,14 @@ mod tests {
             Allocator::new(&me, &[other, me.clone()]).database("main", DatabaseChoice::Auto, 16),
             Ok(1)
         );
-        assert_eq!(Allocator::new(&me, &[me.clone()]).database("main", DatabaseChoice::Auto, 16), Ok(0));
+        assert_eq!(
+            Allocator::new(&me, std::slice::from_ref(&me)).database(
+                "main",
+                DatabaseChoice::Auto,
+                16
+            ),
+            Ok(0)
+        );
     }
 
     #[test]
@@ -416,10 +455,14 @@ mod tests {
         let all = vec![holding(fc("b", "x", T1), "main", Some("b.x"), Some(3))];
         let alloc = Allocator::new(&me, &all);
         assert_eq!(alloc.database("main", DatabaseChoice::Index(4), 16), Ok(4));
-        let err = alloc.database("main", DatabaseChoice::Index(16), 16).unwrap_err();
+        let err = alloc
+            .database("main", DatabaseChoice::Index(16), 16)
+            .unwrap_err();
         assert_eq!(err.reason(), "DatabaseOutOfRange");
         assert!(err.to_string().contains("0 to 15"), "{err}");
-        let err = alloc.database("main", DatabaseChoice::Index(3), 16).unwrap_err();
+        let err = alloc
+            .database("main", DatabaseChoice::Index(3), 16)
+            .unwrap_err();
         assert_eq!(err.reason(), "DatabaseConflict");
         assert!(err.to_string().contains("b/x"), "{err}");
     }
@@ -431,7 +474,9 @@ mod tests {
             holding(fc("b", "x", T1), "main", Some("b.x"), Some(0)),
             holding(fc("b", "y", T1), "main", Some("b.y"), Some(1)),
         ];
-        let err = Allocator::new(&me, &all).database("main", DatabaseChoice::Auto, 2).unwrap_err();
+        let err = Allocator::new(&me, &all)
+            .database("main", DatabaseChoice::Auto, 2)
+            .unwrap_err();
         assert_eq!(err.reason(), "NoFreeDatabase");
     }
 
@@ -440,22 +485,39 @@ mod tests {
         let older = holding(fc("b", "old", T1), "main", Some("p"), Some(1));
         let newer = holding(fc("a", "new", T2), "main", Some("p"), Some(1));
         let all = vec![older.clone(), newer.clone()];
-        assert_eq!(Allocator::new(&older, &all).database("main", DatabaseChoice::Auto, 16), Ok(1));
-        assert_eq!(Allocator::new(&newer, &all).database("main", DatabaseChoice::Auto, 16), Ok(0));
-        assert!(Allocator::new(&older, &all).channel_prefix("main", "p").is_ok());
-        let err = Allocator::new(&newer, &all).channel_prefix("main", "p").unwrap_err();
+        assert_eq!(
+            Allocator::new(&older, &all).database("main", DatabaseChoice::Auto, 16),
+            Ok(1)
+        );
+        assert_eq!(
+            Allocator::new(&newer, &all).database("main", DatabaseChoice::Auto, 16),
+            Ok(0)
+        );
+        assert!(Allocator::new(&older, &all)
+            .channel_prefix("main", "p")
+            .is_ok());
+        let err = Allocator::new(&newer, &all)
+            .channel_prefix("main", "p")
+            .unwrap_err();
         assert!(err.to_string().contains("b/old"), "{err}");
     }
 
     #[test]
     fn channel_prefix_clash_is_per_endpoint_and_names_the_other_resource() {
         let me = fc("shop", "me", T3);
-        let all = vec![holding(fc("other-ns", "orders", T1), "main", Some("shop.products"), None)];
+        let all = vec![holding(
+            fc("other-ns", "orders", T1),
+            "main",
+            Some("shop.products"),
+            None,
+        )];
         let alloc = Allocator::new(&me, &all);
         let err = alloc.channel_prefix("main", "shop.products").unwrap_err();
         assert_eq!(err.reason(), "ChannelPrefixClash");
         assert!(err.to_string().contains("other-ns/orders"), "{err}");
-        assert!(alloc.channel_prefix("nats://n:4222", "shop.products").is_ok());
+        assert!(alloc
+            .channel_prefix("nats://n:4222", "shop.products")
+            .is_ok());
         assert!(alloc.channel_prefix("main", "shop.products.prod").is_ok());
     }
 
@@ -478,7 +540,13 @@ mod tests {
         let me = fc("a", "me", T3);
         let all = vec![other];
         let alloc = Allocator::new(&me, &all);
-        assert_eq!(alloc.acl_key_prefix("main", "app:orders:").unwrap_err().reason(), "KeyPrefixOverlap");
+        assert_eq!(
+            alloc
+                .acl_key_prefix("main", "app:orders:")
+                .unwrap_err()
+                .reason(),
+            "KeyPrefixOverlap"
+        );
         assert!(alloc.acl_key_prefix("main", "ap").is_err());
         assert!(alloc.acl_key_prefix("main", "apps:").is_ok());
         assert!(alloc.acl_key_prefix("elsewhere", "app:").is_ok());

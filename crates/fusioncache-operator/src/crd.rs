@@ -24,9 +24,18 @@ pub const API_VERSION: &str = "fusioncache.io/v1alpha1";
 /// The kind of the resource.
 pub const KIND: &str = "FusionCache";
 
+/// The CustomResourceDefinition as YAML: what `fusioncache-operator crd` prints and `manifests/crd.yaml`
+/// holds.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&FusionCache::crd())
+}
+
 /// The desired state of a FusionCache: which cache an application runs and over which backplane its nodes
 /// stay coherent. The operator answers with a ConfigMap (`fusioncache.yaml` and `FUSIONCACHE_*` values) and a
 /// Service Binding Secret (the same values plus credentials), both named in the status.
+// kube's `printcolumn(...)` repeats keys across columns, which the lint takes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "fusioncache.io",
@@ -40,11 +49,35 @@ pub const KIND: &str = "FusionCache";
            (Redis pub/sub or NATS). The operator allocates its channel prefix and Redis database, optionally \
            provisions a Redis ACL user, and writes a ConfigMap and a Service Binding Secret the application \
            loads its configuration from.",
-    printcolumn(name = "Transport", type_ = "string", json_path = ".spec.transport", description = "The backplane transport"),
-    printcolumn(name = "Channel", type_ = "string", json_path = ".status.channel", description = "The backplane channel"),
-    printcolumn(name = "DB", type_ = "integer", json_path = ".status.redisDatabase", description = "The Redis database index of the L2 cache"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether the configuration is provisioned"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Transport",
+        type_ = "string",
+        json_path = ".spec.transport",
+        description = "The backplane transport"
+    ),
+    printcolumn(
+        name = "Channel",
+        type_ = "string",
+        json_path = ".status.channel",
+        description = "The backplane channel"
+    ),
+    printcolumn(
+        name = "DB",
+        type_ = "integer",
+        json_path = ".status.redisDatabase",
+        description = "The Redis database index of the L2 cache"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the configuration is provisioned"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -87,7 +120,10 @@ pub struct FusionCacheSpec {
     /// server across the cluster. Dot-separated non-empty tokens without whitespace or any of `* > ? [ ] \`,
     /// at most 200 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[^.\s*>?\[\]\\]+(\.[^.\s*>?\[\]\\]+)*$"))]
+    #[schemars(
+        length(min = 1, max = 200),
+        regex(pattern = r"^[^.\s*>?\[\]\\]+(\.[^.\s*>?\[\]\\]+)*$")
+    )]
     pub channel_prefix: Option<String>,
 
     /// An environment name (e.g. `prod`, `staging`) appended to the default channel prefix, so the same app
@@ -188,7 +224,10 @@ pub struct RedisSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RedisCredentialsRef {
     /// Name of the Secret, in the namespace of the FusionCache.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"), length(min = 1, max = 253))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        length(min = 1, max = 253)
+    )]
     pub name: String,
     /// The key of the username in the Secret (default `username`). A missing key means no username (the
     /// `default` user).
@@ -208,7 +247,10 @@ pub struct NatsSpec {
     /// NATS server URL(s) (`nats://host:port` or `tls://host:port`, several separated by commas), without
     /// credentials in them. Defaults to the operator's default NATS URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 2048), regex(pattern = r"^(nats|tls|ws|wss)://[^\s@,]+(,\s*(nats|tls|ws|wss)://[^\s@,]+)*$"))]
+    #[schemars(
+        length(max = 2048),
+        regex(pattern = r"^(nats|tls|ws|wss)://[^\s@,]+(,\s*(nats|tls|ws|wss)://[^\s@,]+)*$")
+    )]
     pub url: Option<String>,
 
     /// A Secret in the same namespace holding a NATS `.creds` file (JWT and NKey seed), copied into the
@@ -222,7 +264,10 @@ pub struct NatsSpec {
 #[serde(rename_all = "camelCase")]
 pub struct NatsCredentialsRef {
     /// Name of the Secret, in the namespace of the FusionCache.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"), length(min = 1, max = 253))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        length(min = 1, max = 253)
+    )]
     pub name: String,
     /// The key of the `.creds` file in the Secret (default `nats.creds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -371,6 +416,7 @@ pub struct FusionCacheStatus {
     pub observed_generation: Option<i64>,
     /// The conditions; `Ready` says whether the configuration is provisioned and, if not, why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
@@ -430,9 +476,18 @@ mod tests {
         assert_eq!(parse("-1"), DatabaseRequest::Invalid("-1".into()));
         assert_eq!(parse("1.5"), DatabaseRequest::Invalid("1.5".into()));
         assert_eq!(parse("\"five\""), DatabaseRequest::Invalid("five".into()));
-        assert_eq!(parse("99999999999"), DatabaseRequest::Invalid("99999999999".into()));
-        assert_eq!(serde_json::to_string(&DatabaseRequest::Index(2)).unwrap(), "2");
-        assert_eq!(serde_json::to_string(&DatabaseRequest::Auto).unwrap(), "\"auto\"");
+        assert_eq!(
+            parse("99999999999"),
+            DatabaseRequest::Invalid("99999999999".into())
+        );
+        assert_eq!(
+            serde_json::to_string(&DatabaseRequest::Index(2)).unwrap(),
+            "2"
+        );
+        assert_eq!(
+            serde_json::to_string(&DatabaseRequest::Auto).unwrap(),
+            "\"auto\""
+        );
     }
 
     #[test]
@@ -454,7 +509,10 @@ mod tests {
         let crd = FusionCache::crd();
         assert_eq!(crd.spec.group, GROUP);
         assert_eq!(crd.spec.names.kind, KIND);
-        assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["fc".to_string()][..]));
+        assert_eq!(
+            crd.spec.names.short_names.as_deref(),
+            Some(&["fc".to_string()][..])
+        );
         assert_eq!(crd.spec.scope, "Namespaced");
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, VERSION);
@@ -475,7 +533,8 @@ mod tests {
             if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
                 for (name, prop) in props {
                     let here = format!("{path}.{name}");
-                    let skip = path.is_empty() && (name == "apiVersion" || name == "kind" || name == "metadata");
+                    let skip = path.is_empty()
+                        && (name == "apiVersion" || name == "kind" || name == "metadata");
                     if !skip && prop.get("description").is_none() {
                         missing.push(here.clone());
                     }
@@ -490,6 +549,9 @@ mod tests {
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         let mut missing = Vec::new();
         walk("", schema, &mut missing);
-        assert!(missing.is_empty(), "properties without a description: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "properties without a description: {missing:?}"
+        );
     }
 }

@@ -121,7 +121,10 @@ impl fmt::Debug for RedisEndpoint {
             .field("name", &self.name)
             .field("url", &self.url)
             .field("admin_username", &self.admin_username)
-            .field("admin_password", &self.admin_password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "admin_password",
+                &self.admin_password.as_ref().map(|_| "<redacted>"),
+            )
             .field("databases", &self.databases)
             .finish()
     }
@@ -212,7 +215,10 @@ impl Settings {
             }
             let databases = e.databases.unwrap_or(DEFAULT_DATABASES);
             if databases == 0 {
-                return Err(SettingsError::invalid(key("databases"), "must be at least 1"));
+                return Err(SettingsError::invalid(
+                    key("databases"),
+                    "must be at least 1",
+                ));
             }
             let sources = [
                 e.admin_password.is_some(),
@@ -304,7 +310,9 @@ impl Settings {
     /// endpoint shares its allocations).
     pub fn endpoint_by_url(&self, url: &str) -> Option<&RedisEndpoint> {
         let wanted = normalize_url(url);
-        self.redis_endpoints.iter().find(|e| normalize_url(&e.url) == wanted)
+        self.redis_endpoints
+            .iter()
+            .find(|e| normalize_url(&e.url) == wanted)
     }
 }
 
@@ -358,7 +366,9 @@ pub fn check_nats_url(urls: &str) -> Result<(), String> {
             .iter()
             .any(|s| url.starts_with(s))
         {
-            return Err(format!("`{url}` must start with nats://, tls://, ws:// or wss://"));
+            return Err(format!(
+                "`{url}` must start with nats://, tls://, ws:// or wss://"
+            ));
         }
         check_authority(url)?;
     }
@@ -371,7 +381,8 @@ fn check_authority(url: &str) -> Result<(), String> {
     };
     if auth.contains('@') {
         return Err(
-            "must not contain credentials (user:password@): they would be written into a ConfigMap".into(),
+            "must not contain credentials (user:password@): they would be written into a ConfigMap"
+                .into(),
         );
     }
     if auth.is_empty() || auth.starts_with(':') || auth.chars().any(char::is_whitespace) {
@@ -437,7 +448,10 @@ defaultNatsUrl: nats://nats:4222
         assert_eq!(other.databases, DEFAULT_DATABASES);
         assert_eq!(s.default_endpoint().unwrap().name, "shared");
         assert_eq!(s.default_nats_url.as_deref(), Some("nats://nats:4222"));
-        assert!(!format!("{shared:?}").contains("from-file"), "Debug redacts the password");
+        assert!(
+            !format!("{shared:?}").contains("from-file"),
+            "Debug redacts the password"
+        );
     }
 
     #[test]
@@ -476,8 +490,10 @@ defaultNatsUrl: nats://nats:4222
     #[test]
     fn environment_overrides_the_defaults() {
         let mut env = env();
-        env.vars.insert(DEFAULT_REDIS_ENDPOINT_ENV.into(), "other".into());
-        env.vars.insert(DEFAULT_NATS_URL_ENV.into(), "nats://elsewhere:4222".into());
+        env.vars
+            .insert(DEFAULT_REDIS_ENDPOINT_ENV.into(), "other".into());
+        env.vars
+            .insert(DEFAULT_NATS_URL_ENV.into(), "nats://elsewhere:4222".into());
         let s = Settings::from_yaml(FULL, &env).unwrap();
         assert_eq!(s.default_endpoint().unwrap().name, "other");
         assert_eq!(s.default_nats_url.as_deref(), Some("nats://elsewhere:4222"));
@@ -485,7 +501,11 @@ defaultNatsUrl: nats://nats:4222
 
     #[test]
     fn a_single_endpoint_is_the_default_and_no_file_is_empty_settings() {
-        let s = Settings::from_yaml("redisEndpoints:\n  - name: only\n    url: redis://o:1\n", &env()).unwrap();
+        let s = Settings::from_yaml(
+            "redisEndpoints:\n  - name: only\n    url: redis://o:1\n",
+            &env(),
+        )
+        .unwrap();
         assert_eq!(s.default_endpoint().unwrap().name, "only");
         assert_eq!(s.endpoint_by_url("REDIS://o:1/").unwrap().name, "only");
         let empty = Settings::load(None, &env()).unwrap();

@@ -1,1 +1,132 @@
-fn main() {}
+//! Engine benchmarks, printed as a table with ratios against raw moka measured in the same run.
+//!
+//! `cargo bench -p fusioncache --bench engine` (or `make bench-engine`). Each figure is the median over
+//! 41 batches of the mean time per operation in the batch; p99 is over the same batch means.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use fusioncache::backplane::{now_ticks, Action, BackplaneMessage};
+use fusioncache::{EntryOptions, FusionCache};
+use futures_util::FutureExt;
+
+const BATCHES: usize = 41;
+
+/// Per-batch mean ns/op of `op`, with the batch size `per_batch`.
+fn batch(per_batch: u64, op: &mut dyn FnMut()) -> f64 {
+    let t = Instant::now();
+    for _ in 0..per_batch {
+        op();
+    }
+    t.elapsed().as_nanos() as f64 / per_batch as f64
+}
+
+/// Measures `op` against `baseline`, alternating their batches so that both see the same machine load.
+/// Returns (p50, p99) ns/op of `op` and the median of the per-pair ratios op/baseline.
+fn measure_against(baseline: &mut dyn FnMut(), op: &mut dyn FnMut()) -> ((f64, f64), f64) {
+    let mut per_batch = 1_000u64;
+    while batch(per_batch, op) * (per_batch as f64) < 10e6 && per_batch < 50_000_000 {
+        per_batch *= 4;
+    }
+    let mut means = Vec::with_capacity(BATCHES);
+    let mut ratios = Vec::with_capacity(BATCHES);
+    for _ in 0..BATCHES {
+        let b = batch(per_batch, baseline);
+        let m = batch(per_batch, op);
+        means.push(m);
+        ratios.push(m / b);
+    }
+    (percentiles(&mut means), percentiles(&mut ratios).0)
+}
+
+fn percentiles(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[(v.len() * 99).div_ceil(100) - 1])
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks for a listing
+    }
+    let value = "a product description of some 48 bytes, cloned!".to_string();
+    let key = "product:000000000000000000000042"; // 32 bytes
+    assert_eq!(key.len(), 32);
+
+    let raw: moka::sync::Cache<String, String> =
+        moka::sync::Cache::builder().max_capacity(100_000).build();
+    raw.insert(key.to_string(), value.clone());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache: FusionCache<String> = rt.block_on(async {
+        let c = FusionCache::builder()
+            .default_entry_options(EntryOptions::new().duration(Duration::from_secs(3600)))
+            .build()
+            .unwrap();
+        c.set(key, value.clone()).await.unwrap();
+        c
+    });
+    let _guard = rt.enter();
+
+    let mut rows: Vec<(&str, (f64, f64), Option<f64>)> = Vec::new();
+    let mut raw_get = || {
+        black_box(raw.get(black_box(key)));
+    };
+    let (raw_alone, _) = measure_against(&mut raw_get, &mut || {
+        black_box(raw.get(black_box(key)));
+    });
+    rows.push(("raw moka get (baseline)", raw_alone, Some(1.0)));
+    let (get, ratio) = measure_against(&mut raw_get, &mut || {
+        black_box(cache.get(black_box(key)).now_or_never().flatten());
+    });
+    rows.push(("FusionCache::get, L1 hit", get, Some(ratio)));
+    let (peek, ratio) = measure_against(&mut raw_get, &mut || {
+        black_box(cache.peek(black_box(key)));
+    });
+    rows.push(("FusionCache::peek, L1 hit", peek, Some(ratio)));
+    let (get_or_set, ratio) = measure_against(&mut raw_get, &mut || {
+        let v = cache
+            .get_or_set(black_box(key), || async {
+                Ok::<_, std::io::Error>(String::new())
+            })
+            .now_or_never();
+        black_box(v);
+    });
+    rows.push(("FusionCache::get_or_set, L1 hit", get_or_set, Some(ratio)));
+    let mut nothing = || {};
+
+    let source = uuid_like();
+    let ts = now_ticks();
+    let (encode, _) = measure_against(&mut nothing, &mut || {
+        black_box(
+            BackplaneMessage::new(black_box(&source), ts, Action::Set, black_box(key)).encode(),
+        );
+    });
+    rows.push(("message encode (32-byte key)", encode, None));
+    let bytes = BackplaneMessage::new(&source, ts, Action::Set, key).encode();
+    let (decode, _) = measure_against(&mut nothing, &mut || {
+        black_box(BackplaneMessage::decode(black_box(&bytes)).ok());
+    });
+    rows.push(("message decode (32-byte key)", decode, None));
+    let (both, _) = measure_against(&mut nothing, &mut || {
+        let b = BackplaneMessage::new(black_box(&source), ts, Action::Set, black_box(key)).encode();
+        black_box(BackplaneMessage::decode(&b).map(|m| m.timestamp).ok());
+    });
+    rows.push(("message encode + decode", both, None));
+
+    println!();
+    println!("| operation | p50 ns/op | p99 ns/op | ratio to raw moka get |");
+    println!("|---|---:|---:|---:|");
+    for (name, (p50, p99), base) in rows {
+        let ratio = base.map_or(String::new(), |r| format!("{r:.2}x"));
+        println!("| {name} | {p50:.1} | {p99:.1} | {ratio} |");
+    }
+    println!();
+    println!("goals: get <= 1.30x raw moka get; encode + decode < 200 ns.");
+}
+
+fn uuid_like() -> String {
+    "0b5f8a3e-9c1d-4e7f-8a2b-3c4d5e6f7a8b".to_string()
+}

@@ -10,13 +10,15 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::backplane::{channel_name, Backplane};
 use crate::cache::{BackplaneState, FusionCache, Inner, KeyLocks, L2Layer};
-use crate::entry::UsableFor;
 use crate::error::Error;
 use crate::events::{CacheEvent, EventListener, Telemetry};
 use crate::l2::DistributedCache;
 use crate::options::{CacheOptions, EntryOptions};
 use crate::recovery::{CircuitBreaker, Notifier};
 use crate::serializer::{JsonSerializer, Serializer};
+
+/// A distributed cache and the serializer of its values.
+type L2Parts<V> = (Arc<dyn DistributedCache>, Arc<dyn Serializer<V>>);
 
 /// Builds a [`FusionCache`]: name, L1 capacity, default entry options, L2, backplane, listeners.
 ///
@@ -41,7 +43,7 @@ use crate::serializer::{JsonSerializer, Serializer};
 pub struct FusionCacheBuilder<V> {
     options: CacheOptions,
     entry_options: EntryOptions,
-    l2: Option<(Arc<dyn DistributedCache>, Arc<dyn Serializer<V>>)>,
+    l2: Option<L2Parts<V>>,
     backplane: Option<Arc<dyn Backplane>>,
     listeners: Vec<EventListener>,
 }
@@ -132,6 +134,12 @@ where
         self
     }
 
+    /// The longest any entry stays in L1 memory, fail-safe window included (default 24 h).
+    pub fn l1_max_retention(mut self, retention: Duration) -> Self {
+        self.options.l1_max_retention = retention;
+        self
+    }
+
     /// The whole set of cache options at once.
     pub fn options(mut self, options: CacheOptions) -> Self {
         self.options = options;
@@ -182,7 +190,7 @@ where
         let telemetry = Arc::new(Telemetry::new(self.listeners));
         let l1 = moka::sync::Cache::builder()
             .max_capacity(options.l1_max_capacity)
-            .expire_after(UsableFor)
+            .time_to_live(options.l1_max_retention)
             .build();
         let l2 = self.l2.map(|(store, serializer)| L2Layer {
             store,

@@ -96,7 +96,7 @@ pub(crate) struct Inner<V> {
     pub default_entry_options: EntryOptions,
     pub instance_id: Arc<str>,
     pub channel: String,
-    pub l1: moka::sync::Cache<String, Arc<L1Entry<V>>>,
+    pub l1: moka::sync::Cache<String, L1Entry<V>>,
     pub l2: Option<L2Layer<V>>,
     pub notifier: Option<Arc<Notifier>>,
     /// Entries created before the current epoch are stale.
@@ -123,7 +123,7 @@ enum L1Lookup<V> {
     /// Present but not to be served as fresh: logically expired, marked stale, or untrusted while the
     /// backplane is down (`expired == false`).
     Stale {
-        entry: Arc<L1Entry<V>>,
+        entry: L1Entry<V>,
         expired: bool,
     },
     Missing,
@@ -220,8 +220,7 @@ where
             self.inner.record_l1_hit(key);
             return Some(v);
         }
-        self.inner
-            .get_slow(key, &self.inner.default_entry_options)
+        Box::pin(self.inner.get_slow(key, &self.inner.default_entry_options))
             .await
             .unwrap_or(None)
     }
@@ -232,9 +231,7 @@ where
             self.inner.record_l1_hit(key);
             return Ok(Some(v));
         }
-        self.inner
-            .get_slow(key, &self.inner.default_entry_options)
-            .await
+        Box::pin(self.inner.get_slow(key, &self.inner.default_entry_options)).await
     }
 
     /// Sets `key` with the default entry options. See [`set_with`](Self::set_with).
@@ -287,9 +284,7 @@ where
         if !options.fail_safe {
             return self.remove_with(key, options).await;
         }
-        if let Some(entry) = inner.l1.get(key) {
-            entry.mark_stale();
-        }
+        inner.mark_stale(key, |_| true);
         Counters::incr(&inner.telemetry.counters.expires);
         inner.telemetry.emit(|| CacheEvent::Expire { key });
         let timestamp = now_ticks();
@@ -351,7 +346,7 @@ where
         Fut: Future<Output = Result<V, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        self.get_or_set_with(key, &self.inner.default_entry_options.clone(), factory)
+        self.get_or_set_with(key, &self.inner.default_entry_options, factory)
             .await
     }
 
@@ -375,34 +370,8 @@ where
             inner.record_l1_hit(key);
             return Ok(v);
         }
-        let _guard = inner.key_locks.lock(key).await;
-
-        // Someone else may have filled it while we waited.
-        let mut fallback: Option<(V, i64)> = None;
-        match inner.lookup_l1(key, Instant::now()) {
-            L1Lookup::Fresh(v) => {
-                inner.record_l1_hit(key);
-                return Ok(v);
-            }
-            L1Lookup::Stale { entry, .. } if entry.is_usable(Instant::now()) => {
-                fallback = Some((entry.value.clone(), entry.timestamp));
-            }
-            _ => {}
-        }
-        if inner.l2.is_some() && !options.skip_l2 {
-            match inner.lookup_l2(key, options).await {
-                L2Lookup::Fresh(v) => {
-                    inner.record_l2_hit(key);
-                    return Ok(v);
-                }
-                L2Lookup::Stale(v, ts) if fallback.as_ref().is_none_or(|(_, t)| *t < ts) => {
-                    fallback = Some((v, ts))
-                }
-                _ => {}
-            }
-        }
-        let fallback = fallback.filter(|_| options.fail_safe);
-        Inner::run_factory(inner, key, options, factory(), fallback).await
+        // The slow path is boxed so that the future of a hit stays small (it is moved on every call).
+        Box::pin(Inner::get_or_set_slow(inner, key, options, factory)).await
     }
 }
 
@@ -415,11 +384,14 @@ where
         let Some(entry) = self.l1.get(key) else {
             return L1Lookup::Missing;
         };
+        if !entry.is_usable(now) {
+            return L1Lookup::Missing;
+        }
         if entry.is_fresh(now, self.stale_epoch.load(Ordering::Acquire)) {
             if !self.backplane_down.load(Ordering::Acquire)
                 || now.duration_since(entry.created_at) <= self.options.disconnected_l1_max_age
             {
-                return L1Lookup::Fresh(entry.value.clone());
+                return L1Lookup::Fresh(entry.value);
             }
             return L1Lookup::Stale {
                 entry,
@@ -455,6 +427,47 @@ where
     fn record_stale(&self, key: &str) {
         Counters::incr(&self.telemetry.counters.stale_served);
         self.telemetry.emit(|| CacheEvent::StaleServed { key });
+    }
+
+    async fn get_or_set_slow<F, Fut, E>(
+        inner: &Arc<Self>,
+        key: &str,
+        options: &EntryOptions,
+        factory: F,
+    ) -> Result<V, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        let _guard = inner.key_locks.lock(key).await;
+
+        // Someone else may have filled it while we waited.
+        let mut fallback: Option<(V, i64)> = None;
+        match inner.lookup_l1(key, Instant::now()) {
+            L1Lookup::Fresh(v) => {
+                inner.record_l1_hit(key);
+                return Ok(v);
+            }
+            L1Lookup::Stale { entry, .. } if entry.is_usable(Instant::now()) => {
+                fallback = Some((entry.value, entry.timestamp));
+            }
+            _ => {}
+        }
+        if inner.l2.is_some() && !options.skip_l2 {
+            match inner.lookup_l2(key, options).await {
+                L2Lookup::Fresh(v) => {
+                    inner.record_l2_hit(key);
+                    return Ok(v);
+                }
+                L2Lookup::Stale(v, ts) if fallback.as_ref().is_none_or(|(_, t)| *t < ts) => {
+                    fallback = Some((v, ts))
+                }
+                _ => {}
+            }
+        }
+        let fallback = fallback.filter(|_| options.fail_safe);
+        Self::run_factory(inner, key, options, factory(), fallback).await
     }
 
     /// A read that L1 could not answer as fresh.
@@ -621,7 +634,33 @@ where
         }
         let epoch = self.stale_epoch.load(Ordering::Acquire);
         let entry = L1Entry::new(value, timestamp, Instant::now(), lifetime, epoch);
-        self.l1.insert(key.to_string(), Arc::new(entry));
+        self.l1.insert(key.to_string(), entry);
+    }
+
+    /// Marks the L1 entry of `key` stale when `condition` holds for it, atomically with other writers (a
+    /// newer entry written meanwhile is left alone by a condition on its timestamp). Returns whether the
+    /// entry exists and meets the condition (stale now, whether or not it was before).
+    pub(crate) fn mark_stale(
+        &self,
+        key: &str,
+        condition: impl FnOnce(&L1Entry<V>) -> bool,
+    ) -> bool {
+        let mut matched = false;
+        self.l1
+            .entry_by_ref(key)
+            .and_compute_with(|current| match current {
+                Some(e) if condition(e.value()) => {
+                    matched = true;
+                    if e.value().stale {
+                        return moka::ops::compute::Op::Nop;
+                    }
+                    let mut stale = e.into_value();
+                    stale.stale = true;
+                    moka::ops::compute::Op::Put(stale)
+                }
+                _ => moka::ops::compute::Op::Nop,
+            });
+        matched
     }
 
     /// Marks every L1 entry stale (O(1): bumps the epoch).

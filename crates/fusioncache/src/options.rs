@@ -208,6 +208,9 @@ pub struct CacheOptions {
     /// A hard cap on every L1 freshness, whatever the entry options say: bounds how long a node can serve a
     /// value after a notification was silently lost.
     pub l1_max_duration: Option<Duration>,
+    /// The longest any entry stays in L1 memory, fail-safe window included: expired entries that are not
+    /// read again leave memory at this bound at the latest (or earlier, under capacity pressure).
+    pub l1_max_retention: Duration,
     /// On backplane reconnection, mark every L1 entry stale (the node cannot know what it missed).
     pub mark_stale_on_reconnect: bool,
     /// While the backplane is disconnected, L1 entries older than this are revalidated against L2 (or the
@@ -232,6 +235,7 @@ impl Default for CacheOptions {
             channel_prefix: None,
             l1_max_capacity: 100_000,
             l1_max_duration: None,
+            l1_max_retention: Duration::from_secs(24 * 3600),
             mark_stale_on_reconnect: true,
             disconnected_l1_max_age: Duration::ZERO,
             auto_recovery_max_items: 10_000,

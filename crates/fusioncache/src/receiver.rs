@@ -111,22 +111,14 @@ where
     match msg.action {
         Action::Set if key == CLEAR_KEY => inner.l1.invalidate_all(),
         Action::Set => {
-            if let Some(entry) = inner.l1.get(key) {
-                if entry.timestamp < msg.timestamp {
-                    entry.mark_stale();
-                    if inner.l2.is_some() {
-                        refresh_from_l2(inner, key, msg.timestamp);
-                    }
-                }
+            let older = |e: &L1Entry<V>| e.timestamp < msg.timestamp;
+            if inner.mark_stale(key, older) && inner.l2.is_some() {
+                refresh_from_l2(inner, key, msg.timestamp);
             }
         }
         Action::Remove => inner.l1.invalidate(key),
         Action::Expire => {
-            if let Some(entry) = inner.l1.get(key) {
-                if entry.timestamp <= msg.timestamp {
-                    entry.mark_stale();
-                }
-            }
+            inner.mark_stale(key, |e| e.timestamp <= msg.timestamp);
         }
     }
     Counters::incr(&counters.backplane_received);
@@ -172,13 +164,13 @@ where
             return;
         }
         let epoch = inner.stale_epoch.load(Ordering::Acquire);
-        let fresh = Arc::new(L1Entry::new(
+        let fresh = L1Entry::new(
             value,
             env.timestamp,
             quanta::Instant::now(),
             lifetime,
             epoch,
-        ));
+        );
         // Only replace an entry that is still there and older: a remove or a newer write meanwhile wins.
         inner
             .l1

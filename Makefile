@@ -1,0 +1,57 @@
+# fusioncache-rs: the hybrid cache library, its operator, and their delivery.
+#
+#   make demo                     three nodes on the embedded (in-memory) backplane, no servers needed
+#   make demo BACKPLANE=redis://HOST:PORT              one OS process per node, Redis L2 + pub/sub
+#   make demo BACKPLANE=nats://HOST:PORT [L2=redis://HOST:PORT]   NATS backplane (+ Redis L2)
+#   make test                     installs what tests need, then every check CI runs
+#   make bench                    benchmarks, printed as tables with ratios against raw baselines
+#   make crd                      regenerates manifests/crd.yaml (and the chart's copy) from the Rust types
+#   make install-manifest         regenerates manifests/install.yaml from the chart
+
+CARGO ?= cargo
+BACKPLANE ?=
+L2 ?=
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: demo test deps fmt-check clippy unit chart bench bench-engine bench-redis bench-nats crd install-manifest fuzz
+
+demo:
+	$(CARGO) run -q -p fusioncache --example demo -- $(BACKPLANE) $(L2)
+
+deps:
+	@bash scripts/install-test-deps.sh
+
+test: deps fmt-check clippy unit chart
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --no-fail-fast
+
+chart:
+	bash scripts/chart-check.sh
+
+bench: bench-engine bench-redis bench-nats
+
+bench-engine:
+	$(CARGO) bench -p fusioncache --bench engine
+
+# Latency benchmarks pin the server and the bench to different cores (see the README).
+bench-redis:
+	$(CARGO) build --release -p fusioncache-integration-tests --bin transport-bench
+	./target/release/transport-bench redis
+
+bench-nats:
+	$(CARGO) build --release -p fusioncache-integration-tests --bin transport-bench
+	./target/release/transport-bench nats
+
+crd:
+	$(CARGO) run -q -p fusioncache-operator -- crd > manifests/crd.yaml
+	cp manifests/crd.yaml charts/fusioncache-operator/crds/fusioncaches.fusioncache.io.yaml
+
+install-manifest:
+	bash scripts/chart-check.sh --write-install
