@@ -7,39 +7,23 @@ mod common;
 use std::time::Duration;
 
 use common::{acl_cache, binding, provision, redis_with_admin, settings, ADMIN, ADMIN_PASSWORD};
-use fusioncache::backplane::redis::RedisBackplane;
 use fusioncache::config::{BackplaneKind, DistributedCacheKind, FusionCacheConfig};
-use fusioncache::l2::redis::RedisDistributedCache;
-use fusioncache::redis::{RedisConnection, RedisOptions};
 use fusioncache::FusionCache;
 use fusioncache_operator::acl::{AclProvisioner, RedisAclProvisioner};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A node wired from the injected configuration, as a service would be.
-fn node(config: &FusionCacheConfig) -> FusionCache<String> {
+/// A node built from the injected configuration with the library's one call, as a service would be.
+async fn node(config: &FusionCacheConfig) -> FusionCache<String> {
     assert_eq!(config.backplane, Some(BackplaneKind::Redis));
     assert_eq!(
         config.effective_distributed_cache(),
         DistributedCacheKind::Redis
     );
-    let r = config.redis.as_ref().expect("redis settings");
-    let connection = RedisConnection::open_parts(
-        r.url.as_deref().expect("url"),
-        r.database,
-        r.username.as_deref(),
-        r.password.as_deref(),
-        RedisOptions::default(),
-    )
-    .unwrap();
     FusionCache::builder()
-        .name(config.cache_name_or_default())
-        .channel_prefix(config.channel_prefix.clone().expect("channel prefix"))
-        .distributed_cache(
-            RedisDistributedCache::new(connection.clone())
-                .key_prefix(config.key_prefix.clone().expect("key prefix")),
-        )
-        .backplane(RedisBackplane::new(connection))
+        .with_config(config)
+        .await
+        .unwrap()
         .build()
         .unwrap()
 }
@@ -77,7 +61,7 @@ async fn nodes_built_from_the_rendered_binding_share_l2_and_stay_coherent_under_
         "binding fills in only the credentials"
     );
 
-    let (a, b) = (node(&config), node(&config));
+    let (a, b) = (node(&config).await, node(&config).await);
     for n in [&a, &b] {
         assert!(
             n.wait_for_backplane(WAIT).await,

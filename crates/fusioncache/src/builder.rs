@@ -46,6 +46,9 @@ pub struct FusionCacheBuilder<V> {
     l2: Option<L2Parts<V>>,
     backplane: Option<Arc<dyn Backplane>>,
     listeners: Vec<EventListener>,
+    /// Which of name / channel prefix were set explicitly (they win over injected configuration).
+    explicit_name: bool,
+    explicit_channel_prefix: bool,
 }
 
 impl<V> Default for FusionCacheBuilder<V>
@@ -69,12 +72,15 @@ where
             l2: None,
             backplane: None,
             listeners: Vec::new(),
+            explicit_name: false,
+            explicit_channel_prefix: false,
         }
     }
 
     /// The cache name (the default channel prefix).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.options.name = name.into();
+        self.explicit_name = true;
         self
     }
 
@@ -82,6 +88,7 @@ where
     /// sharing one Redis).
     pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.options.channel_prefix = Some(prefix.into()).filter(|p: &String| !p.is_empty());
+        self.explicit_channel_prefix = true;
         self
     }
 
@@ -179,6 +186,59 @@ where
     pub fn on_event(mut self, listener: impl Fn(&CacheEvent<'_>) + Send + Sync + 'static) -> Self {
         self.listeners.push(Arc::new(listener));
         self
+    }
+
+    /// Fills in what was not set explicitly from injected configuration (see [`crate::config`]): the name,
+    /// the channel prefix, the distributed cache and the backplane. Connections are shared by every cache
+    /// of the process configured with the same endpoint.
+    ///
+    /// ```
+    /// use fusioncache::{FusionCache, config::FusionCacheConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), fusioncache::Error> {
+    /// let config = FusionCacheConfig::from_yaml("cacheName: products\nbackplane: memory\ndistributedCache: memory\n")?;
+    /// let cache: FusionCache<String> = FusionCache::builder().with_config(&config).await?.build()?;
+    /// assert_eq!(cache.channel(), "products.Backplane:v2");
+    /// # Ok(()) }
+    /// ```
+    pub async fn with_config(
+        mut self,
+        config: &crate::config::FusionCacheConfig,
+    ) -> Result<Self, Error>
+    where
+        V: Serialize + DeserializeOwned,
+    {
+        config.validate()?;
+        if !self.explicit_name {
+            if let Some(name) = &config.cache_name {
+                self.options.name = name.clone();
+            }
+        }
+        if !self.explicit_channel_prefix {
+            if let Some(prefix) = config.channel_prefix.as_ref().filter(|p| !p.is_empty()) {
+                self.options.channel_prefix = Some(prefix.clone());
+            }
+        }
+        if self.l2.is_none() {
+            if let Some(store) = crate::connect::distributed_cache(config)? {
+                self.l2 = Some((store, Arc::new(JsonSerializer::<V>::new())));
+            }
+        }
+        if self.backplane.is_none() {
+            self.backplane = crate::connect::backplane(config).await?;
+        }
+        Ok(self)
+    }
+
+    /// [`with_config`](Self::with_config) with the configuration of this process:
+    /// [`FusionCacheConfig::load`](crate::config::FusionCacheConfig::load) (environment variables, Service
+    /// Binding, `FUSIONCACHE_CONFIG` file).
+    pub async fn with_injected_config(self) -> Result<Self, Error>
+    where
+        V: Serialize + DeserializeOwned,
+    {
+        let config = crate::config::FusionCacheConfig::load()?;
+        self.with_config(&config).await
     }
 
     /// Builds the cache. With a backplane, this must run inside a Tokio runtime (it starts the receive

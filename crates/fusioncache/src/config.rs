@@ -86,6 +86,9 @@ pub mod env {
 pub const BINDING_TYPE: &str = "fusioncache";
 /// The file name of the YAML configuration in the operator's ConfigMap.
 pub const CONFIG_FILE_NAME: &str = "fusioncache.yaml";
+/// The entry of a binding Secret that holds a NATS `.creds` file; mounted, its path becomes the NATS
+/// credentials.
+pub const BINDING_NATS_CREDS_FILE: &str = "nats.creds";
 
 /// Which backplane transport a cache uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +400,12 @@ impl FusionCacheConfig {
                 }
             }
         }
+        if !values.contains_key(env::NATS_CREDENTIALS)
+            && dir.join(BINDING_NATS_CREDS_FILE).is_file()
+        {
+            let path = dir.join(BINDING_NATS_CREDS_FILE).display().to_string();
+            values.insert(env::NATS_CREDENTIALS.to_string(), path);
+        }
         Self::from_values(&values)
     }
 
@@ -634,5 +643,128 @@ impl fmt::Display for BackplaneKind {
 impl fmt::Display for DistributedCacheKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "fusioncache-config-{name}-{}",
+            uuid::Uuid::new_v4()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn environment_variables_parse_and_round_trip() {
+        let env = values(&[
+            (env::CACHE_NAME, "products"),
+            (env::CHANNEL_PREFIX, "shop.prod.products"),
+            (env::BACKPLANE, "Redis"),
+            (env::REDIS_URL, "redis://r:6379"),
+            (env::REDIS_DATABASE, "3"),
+            (env::REDIS_PASSWORD, "pw"),
+            (env::KEY_PREFIX, "shop:"),
+        ]);
+        let config = FusionCacheConfig::from_values(&env).unwrap();
+        assert_eq!(config.backplane, Some(BackplaneKind::Redis));
+        assert_eq!(config.redis.as_ref().unwrap().database, Some(3));
+        assert_eq!(
+            config.effective_distributed_cache(),
+            DistributedCacheKind::Redis
+        );
+        assert_eq!(config.channel().unwrap(), "shop.prod.products.Backplane:v2");
+        let back = FusionCacheConfig::from_values(&config.to_env()).unwrap();
+        assert_eq!(back, config);
+        let yaml = FusionCacheConfig::from_yaml(&config.to_yaml()).unwrap();
+        assert_eq!(yaml, config);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_problem() {
+        let err =
+            FusionCacheConfig::from_values(&values(&[(env::REDIS_DATABASE, "three")])).unwrap_err();
+        assert!(
+            err.to_string().contains(env::REDIS_DATABASE) && err.to_string().contains("three"),
+            "{err}"
+        );
+        let err =
+            FusionCacheConfig::from_values(&values(&[(env::BACKPLANE, "kafka")])).unwrap_err();
+        assert!(
+            err.to_string().contains(env::BACKPLANE) && err.to_string().contains("kafka"),
+            "{err}"
+        );
+        let err = FusionCacheConfig::from_values(&values(&[(env::BACKPLANE, "nats")])).unwrap_err();
+        assert!(err.to_string().contains(env::NATS_URL), "{err}");
+        let err = FusionCacheConfig::from_yaml("redis:\n  url: http://x\n").unwrap_err();
+        assert!(err.to_string().contains("redis.url"), "{err}");
+        let err = FusionCacheConfig::from_yaml("redis:\n  databse: 1\n").unwrap_err();
+        assert!(err.to_string().contains("databse"), "{err}");
+        let err = FusionCacheConfig::from_yaml("cacheName: [1, 2]\n").unwrap_err();
+        assert!(err.to_string().contains("cacheName"), "{err}");
+    }
+
+    #[test]
+    fn precedence_is_env_then_binding_then_file() {
+        let dir = temp_dir("precedence");
+        let file = dir.join(CONFIG_FILE_NAME);
+        std::fs::write(
+            &file,
+            "cacheName: from-file\nchannelPrefix: file.prefix\nkeyPrefix: \"file:\"\n",
+        )
+        .unwrap();
+        let root = dir.join("bindings");
+        let binding = root.join("cache");
+        std::fs::create_dir_all(&binding).unwrap();
+        std::fs::write(binding.join("type"), "fusioncache\n").unwrap();
+        std::fs::write(binding.join("provider"), "fusioncache-operator\n").unwrap();
+        std::fs::write(binding.join(env::CHANNEL_PREFIX), "binding.prefix").unwrap();
+        std::fs::write(binding.join("password"), "s3cret\n").unwrap();
+        std::fs::write(binding.join(BINDING_NATS_CREDS_FILE), "creds").unwrap();
+        let env = values(&[
+            (env::CONFIG, file.to_str().unwrap()),
+            (env::SERVICE_BINDING_ROOT, root.to_str().unwrap()),
+            (env::CACHE_NAME, "from-env"),
+        ]);
+        let config = FusionCacheConfig::load_from(&env).unwrap();
+        assert_eq!(config.cache_name.as_deref(), Some("from-env"));
+        assert_eq!(config.channel_prefix.as_deref(), Some("binding.prefix"));
+        assert_eq!(config.key_prefix.as_deref(), Some("file:"));
+        assert_eq!(config.redis.unwrap().password.as_deref(), Some("s3cret"));
+        let creds = config.nats.unwrap().credentials.unwrap();
+        assert!(creds.ends_with(BINDING_NATS_CREDS_FILE), "{creds}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_binding_of_another_type_is_not_read() {
+        let root = temp_dir("types");
+        std::fs::create_dir_all(root.join("db")).unwrap();
+        std::fs::write(root.join("db").join("type"), "postgresql").unwrap();
+        assert_eq!(FusionCacheConfig::find_binding(&root, None).unwrap(), None);
+        let err = FusionCacheConfig::from_binding_dir(root.join("db")).unwrap_err();
+        assert!(err.to_string().contains("postgresql"), "{err}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_missing_file_is_a_clear_error() {
+        let env = values(&[(env::CONFIG, "/nonexistent/fusioncache.yaml")]);
+        let err = FusionCacheConfig::load_from(&env).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/fusioncache.yaml"),
+            "{err}"
+        );
     }
 }

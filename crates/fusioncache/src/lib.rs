@@ -36,6 +36,7 @@ pub mod backplane;
 mod builder;
 mod cache;
 pub mod config;
+mod connect;
 mod entry;
 mod error;
 pub mod events;
