@@ -49,6 +49,10 @@ bench-nats:
 	$(CARGO) build --release -p fusioncache-integration-tests --bin transport-bench
 	./target/release/transport-bench nats
 
+# Coverage-guided fuzzing of the message decoder (needs cargo-fuzz: `cargo install cargo-fuzz`).
+fuzz:
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode_message -- -max_total_time=$${FUZZ_SECONDS:-60}
+
 crd:
 	$(CARGO) run -q -p fusioncache-operator -- crd > manifests/crd.yaml
 	cp manifests/crd.yaml charts/fusioncache-operator/crds/fusioncaches.fusioncache.io.yaml
