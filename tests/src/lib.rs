@@ -52,6 +52,7 @@ pub fn fast_redis_options() -> RedisOptions {
         reconnect_retries: 1,
         max_reconnect_delay: Duration::from_millis(200),
         health_check_interval: Duration::from_millis(500),
+        ..RedisOptions::default()
     }
 }
 

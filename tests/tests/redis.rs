@@ -255,3 +255,124 @@ async fn an_acl_user_from_the_url_works_and_a_wrong_password_is_a_clear_error() 
     let err = denied.set("k", s("v")).await.unwrap_err().to_string();
     assert!(err.contains("distributed cache"), "{err}");
 }
+
+/// Makes a CA and a server certificate for 127.0.0.1 with the openssl CLI.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=fusioncache-test-ca",
+        "-days",
+        "1",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_connect_over_tls_with_a_custom_ca() {
+    let dir = std::env::temp_dir().join(format!("fusioncache-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certificates(&dir);
+    let tls_port = fusioncache_testkit::free_port();
+    let path = |f: &str| dir.join(f).display().to_string();
+    let server = RedisServer::start_with_args(&[
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &path("server.crt"),
+        "--tls-key-file",
+        &path("server.key"),
+        "--tls-ca-cert-file",
+        &path("ca.crt"),
+        "--tls-auth-clients",
+        "no",
+    ])
+    .unwrap();
+    let options = fusioncache::redis::RedisOptions {
+        tls_ca_certificate: Some(dir.join("ca.crt")),
+        ..fusioncache_integration_tests::fast_redis_options()
+    };
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let node = || {
+        let redis = fusioncache::redis::RedisConnection::open_with(&url, options.clone()).unwrap();
+        fusioncache::FusionCache::<String>::builder()
+            .name("tls")
+            .distributed_cache(fusioncache::l2::redis::RedisDistributedCache::new(
+                redis.clone(),
+            ))
+            .backplane(fusioncache::backplane::redis::RedisBackplane::new(redis))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (node(), node());
+    connected(&[&a, &b]).await;
+    a.set("k", s("secret")).await.unwrap();
+    assert_eq!(b.get("k").await, Some(s("secret")));
+    a.set("k", s("v2")).await.unwrap();
+    assert!(eventually(|| b.peek("k") == Some(s("v2"))).await);
+
+    // Without the CA, the server's certificate is not trusted: an error, not a panic.
+    let untrusted = fusioncache::redis::RedisConnection::open_with(
+        &url,
+        fusioncache_integration_tests::fast_redis_options(),
+    )
+    .unwrap();
+    let c: fusioncache::FusionCache<String> = fusioncache::FusionCache::builder()
+        .distributed_cache(fusioncache::l2::redis::RedisDistributedCache::new(
+            untrusted,
+        ))
+        .build()
+        .unwrap();
+    assert!(c.set("k", s("v")).await.is_err());
+    drop(server);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -5,8 +5,10 @@
 //! and [`RedisBackplane`](crate::backplane::redis::RedisBackplane) built from clones of one connection use
 //! the same socket for commands.
 //!
-//! The URL carries everything: `redis://[user:password@]host:port[/db]`, `rediss://` for TLS.
+//! The URL carries everything: `redis://[user:password@]host:port[/db]`, `rediss://` for TLS (verified
+//! against the system's and webpki's roots, or the CA of [`RedisOptions::tls_ca_certificate`]).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +30,10 @@ pub struct RedisOptions {
     pub max_reconnect_delay: Duration,
     /// How often the pub/sub connection is pinged to detect a dead peer (default 5 s).
     pub health_check_interval: Duration,
+    /// For `rediss://`: a PEM file of the CA certificates to trust instead of the system's and webpki's.
+    pub tls_ca_certificate: Option<PathBuf>,
+    /// For `rediss://` with mutual TLS: the client certificate and its key (PEM files).
+    pub tls_client_certificate: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for RedisOptions {
@@ -38,6 +44,8 @@ impl Default for RedisOptions {
             reconnect_retries: 1,
             max_reconnect_delay: Duration::from_secs(2),
             health_check_interval: Duration::from_secs(5),
+            tls_ca_certificate: None,
+            tls_client_certificate: None,
         }
     }
 }
@@ -102,7 +110,34 @@ impl RedisConnection {
         options: RedisOptions,
     ) -> Result<Self, redis::RedisError> {
         let display = format!("{} db {}", info.addr(), info.redis_settings().db());
-        let client = redis::Client::open(info)?;
+        let client =
+            if options.tls_ca_certificate.is_some() || options.tls_client_certificate.is_some() {
+                let read = |path: &PathBuf| {
+                    std::fs::read(path).map_err(|e| {
+                        redis::RedisError::from(std::io::Error::new(
+                            e.kind(),
+                            format!("cannot read TLS file {}: {e}", path.display()),
+                        ))
+                    })
+                };
+                let client_tls = match &options.tls_client_certificate {
+                    Some((cert, key)) => Some(redis::ClientTlsConfig {
+                        client_cert: read(cert)?,
+                        client_key: read(key)?,
+                    }),
+                    None => None,
+                };
+                let root_cert = options.tls_ca_certificate.as_ref().map(read).transpose()?;
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls,
+                        root_cert,
+                    },
+                )?
+            } else {
+                redis::Client::open(info)?
+            };
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
