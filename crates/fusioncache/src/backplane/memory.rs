@@ -1,14 +1,13 @@
 //! The in-process backplane.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
 
-use super::{Backplane, BackplaneError, BackplaneEvent, Subscription, SUBSCRIPTION_BUFFER};
+use super::fanout::Fanout;
+use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
 
 /// An in-process backplane: every cache built with a clone of the same `MemoryBackplane` acts as a
 /// separate node of one cluster. It is the embedded default, and the transport of tests and demos.
@@ -33,7 +32,7 @@ pub struct MemoryBackplane {
 
 #[derive(Default)]
 struct Inner {
-    channels: Mutex<HashMap<String, Vec<mpsc::Sender<BackplaneEvent>>>>,
+    subscriptions: Fanout,
     down: AtomicBool,
 }
 
@@ -74,49 +73,21 @@ impl MemoryBackplane {
 
     /// The number of live subscriptions on `channel`.
     pub fn subscriber_count(&self, channel: &str) -> usize {
-        let mut channels = self.inner.channels.lock().expect("memory backplane lock");
-        channels.get_mut(channel).map_or(0, |subs| {
-            subs.retain(|s| !s.is_closed());
-            subs.len()
-        })
+        self.inner.subscriptions.senders(Some(channel)).len()
     }
 
     fn broadcast_state(&self, event: BackplaneEvent) {
-        let channels = self.inner.channels.lock().expect("memory backplane lock");
-        for sub in channels.values().flatten() {
-            // State changes must not be lost behind a full buffer of messages; a subscriber that is that
-            // far behind will see the next state change.
-            let _ = sub.try_send(event.clone());
-        }
-    }
-
-    fn senders(&self, channel: &str) -> Vec<mpsc::Sender<BackplaneEvent>> {
-        let mut channels = self.inner.channels.lock().expect("memory backplane lock");
-        match channels.get_mut(channel) {
-            Some(subs) => {
-                subs.retain(|s| !s.is_closed());
-                subs.clone()
-            }
-            None => Vec::new(),
-        }
+        self.inner.subscriptions.try_send_all(event);
     }
 }
 
 impl Backplane for MemoryBackplane {
     fn subscribe(&self, channel: &str) -> Result<Subscription, BackplaneError> {
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let (subscription, tx) = self.inner.subscriptions.add(channel);
         if self.is_connected() {
-            tx.try_send(BackplaneEvent::Connected)
-                .expect("a new channel has room");
+            let _ = tx.try_send(BackplaneEvent::Connected);
         }
-        self.inner
-            .channels
-            .lock()
-            .expect("memory backplane lock")
-            .entry(channel.to_string())
-            .or_default()
-            .push(tx);
-        Ok(Subscription::new(rx))
+        Ok(subscription)
     }
 
     fn publish<'a>(
@@ -128,10 +99,10 @@ impl Backplane for MemoryBackplane {
             if !self.is_connected() {
                 return Err(BackplaneError::NotConnected);
             }
-            for sub in self.senders(channel) {
-                // A closed receiver is a cache that was dropped; nothing to deliver.
-                let _ = sub.send(BackplaneEvent::Message(payload.clone())).await;
-            }
+            self.inner
+                .subscriptions
+                .send(Some(channel), BackplaneEvent::Message(payload))
+                .await;
             Ok(())
         })
     }

@@ -12,6 +12,7 @@
 //! [`BackplaneEvent::Connected`] / [`BackplaneEvent::Disconnected`] as they happen, so the cache can mark
 //! its L1 stale and replay queued notifications.
 
+mod fanout;
 mod memory;
 mod message;
 #[cfg(feature = "nats")]
@@ -127,6 +128,3 @@ pub trait Backplane: Send + Sync + 'static {
     /// A short name of the transport for logs and events (`memory`, `redis`, `nats`).
     fn transport_name(&self) -> &'static str;
 }
-
-/// Capacity of the event queue of one subscription.
-pub(crate) const SUBSCRIPTION_BUFFER: usize = 8192;

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -35,7 +35,8 @@ use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{Backplane, BackplaneError, BackplaneEvent, Subscription, SUBSCRIPTION_BUFFER};
+use super::fanout::Fanout;
+use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
 
 /// Checks that `subject` is a valid NATS subject to publish on: non-empty tokens separated by `.`, no
 /// whitespace, no wildcard (`*`, `>`).
@@ -236,18 +237,12 @@ impl NatsOptions {
     }
 }
 
-#[derive(Default)]
-struct Channel {
-    senders: Vec<mpsc::Sender<BackplaneEvent>>,
-    forwarder: Option<tokio::task::AbortHandle>,
-}
-
-type Channels = Arc<Mutex<HashMap<String, Channel>>>;
-
 /// A backplane over NATS core subjects.
 pub struct NatsBackplane {
     client: Client,
-    channels: Channels,
+    subscriptions: Fanout,
+    /// The task forwarding the messages of each subscribed subject.
+    forwarders: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     events_task: tokio::task::AbortHandle,
 }
 
@@ -282,16 +277,17 @@ impl NatsBackplane {
             .connect(servers)
             .await
             .map_err(|e| BackplaneError::Transport(e.to_string()))?;
-        let channels: Channels = Arc::default();
+        let subscriptions = Fanout::default();
         let events_task = tokio::spawn(forward_connection_events(
             client.clone(),
-            channels.clone(),
+            subscriptions.clone(),
             events_rx,
         ))
         .abort_handle();
         Ok(Self {
             client,
-            channels,
+            subscriptions,
+            forwarders: Mutex::default(),
             events_task,
         })
     }
@@ -305,38 +301,16 @@ impl NatsBackplane {
 impl Drop for NatsBackplane {
     fn drop(&mut self) {
         self.events_task.abort();
-        for channel in self
-            .channels
-            .lock()
-            .expect("nats backplane lock")
-            .values_mut()
-        {
-            if let Some(f) = channel.forwarder.take() {
-                f.abort();
-            }
+        let forwarders = self.forwarders.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (_, task) in forwarders.drain() {
+            task.abort();
         }
-    }
-}
-
-async fn notify(channels: &Channels, only: Option<&str>, event: BackplaneEvent) {
-    let targets: Vec<_> = {
-        let mut map = channels.lock().expect("nats backplane lock");
-        map.iter_mut()
-            .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
-            .flat_map(|(_, ch)| {
-                ch.senders.retain(|s| !s.is_closed());
-                ch.senders.clone()
-            })
-            .collect()
-    };
-    for tx in targets {
-        let _ = tx.send(event.clone()).await;
     }
 }
 
 async fn forward_connection_events(
     client: Client,
-    channels: Channels,
+    subscriptions: Fanout,
     mut events: mpsc::UnboundedReceiver<Event>,
 ) {
     while let Some(event) = events.recv().await {
@@ -345,19 +319,19 @@ async fn forward_connection_events(
                 // Make sure the re-sent subscriptions reached the server before saying so.
                 if client.flush().await.is_ok() {
                     tracing::info!("nats backplane connected");
-                    notify(&channels, None, BackplaneEvent::Connected).await;
+                    subscriptions.send(None, BackplaneEvent::Connected).await;
                 }
             }
             Event::Disconnected | Event::Closed => {
                 tracing::warn!(%event, "nats backplane disconnected");
-                notify(
-                    &channels,
-                    None,
-                    BackplaneEvent::Disconnected {
-                        reason: event.to_string(),
-                    },
-                )
-                .await;
+                subscriptions
+                    .send(
+                        None,
+                        BackplaneEvent::Disconnected {
+                            reason: event.to_string(),
+                        },
+                    )
+                    .await;
             }
             Event::SlowConsumer(sid) => {
                 // Messages were dropped by the client: this node may have missed notifications.
@@ -365,15 +339,15 @@ async fn forward_connection_events(
                     sid,
                     "nats slow consumer: notifications dropped; marking L1 stale"
                 );
-                notify(
-                    &channels,
-                    None,
-                    BackplaneEvent::Disconnected {
-                        reason: event.to_string(),
-                    },
-                )
-                .await;
-                notify(&channels, None, BackplaneEvent::Connected).await;
+                subscriptions
+                    .send(
+                        None,
+                        BackplaneEvent::Disconnected {
+                            reason: event.to_string(),
+                        },
+                    )
+                    .await;
+                subscriptions.send(None, BackplaneEvent::Connected).await;
             }
             other => tracing::info!(event = %other, "nats connection event"),
         }
@@ -381,7 +355,7 @@ async fn forward_connection_events(
 }
 
 /// Subscribes (retrying until the connection allows it) and forwards every message to the channel's senders.
-async fn forward_messages(client: Client, channels: Channels, subject: String) {
+async fn forward_messages(client: Client, subscriptions: Fanout, subject: String) {
     let mut delay = Duration::from_millis(50);
     let mut subscriber = loop {
         match client.subscribe(subject.clone()).await {
@@ -394,26 +368,14 @@ async fn forward_messages(client: Client, channels: Channels, subject: String) {
         }
     };
     if client.flush().await.is_ok() && client.connection_state() == State::Connected {
-        notify(&channels, Some(&subject), BackplaneEvent::Connected).await;
+        subscriptions
+            .send(Some(&subject), BackplaneEvent::Connected)
+            .await;
     }
     while let Some(message) = subscriber.next().await {
-        let targets: Vec<_> = channels
-            .lock()
-            .expect("nats backplane lock")
-            .get(&subject)
-            .map(|ch| {
-                ch.senders
-                    .iter()
-                    .filter(|s| !s.is_closed())
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        for tx in targets {
-            let _ = tx
-                .send(BackplaneEvent::Message(message.payload.clone()))
-                .await;
-        }
+        subscriptions
+            .send(Some(&subject), BackplaneEvent::Message(message.payload))
+            .await;
     }
 }
 
@@ -424,27 +386,22 @@ impl Backplane for NatsBackplane {
 
     fn subscribe(&self, channel: &str) -> Result<Subscription, BackplaneError> {
         validate_subject(channel)?;
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        let mut map = self.channels.lock().expect("nats backplane lock");
-        let entry = map.entry(channel.to_string()).or_default();
-        match &entry.forwarder {
-            // Already subscribed: the new subscriber is live now if the connection is.
-            Some(_) => {
-                if self.client.connection_state() == State::Connected {
-                    let _ = tx.try_send(BackplaneEvent::Connected);
-                }
+        let (subscription, tx) = self.subscriptions.add(channel);
+        let mut forwarders = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
+        if forwarders.contains_key(channel) {
+            // Already subscribed: the new subscription is live now if the connection is.
+            if self.client.connection_state() == State::Connected {
+                let _ = tx.try_send(BackplaneEvent::Connected);
             }
-            None => {
-                let task = tokio::spawn(forward_messages(
-                    self.client.clone(),
-                    self.channels.clone(),
-                    channel.to_string(),
-                ));
-                entry.forwarder = Some(task.abort_handle());
-            }
+        } else {
+            let task = tokio::spawn(forward_messages(
+                self.client.clone(),
+                self.subscriptions.clone(),
+                channel.to_string(),
+            ));
+            forwarders.insert(channel.to_string(), task.abort_handle());
         }
-        entry.senders.push(tx);
-        Ok(Subscription::new(rx))
+        Ok(subscription)
     }
 
     fn publish<'a>(

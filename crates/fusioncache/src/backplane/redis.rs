@@ -27,8 +27,7 @@
 //! # let _ = (products, prices); Ok(()) }
 //! ```
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,15 +35,14 @@ use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{Backplane, BackplaneError, BackplaneEvent, Subscription, SUBSCRIPTION_BUFFER};
+use super::fanout::Fanout;
+use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
 use crate::redis::RedisConnection;
-
-type Subscribers = Arc<Mutex<HashMap<String, Vec<mpsc::Sender<BackplaneEvent>>>>>;
 
 /// A backplane over Redis pub/sub.
 pub struct RedisBackplane {
     connection: RedisConnection,
-    subscribers: Subscribers,
+    subscriptions: Fanout,
     /// Tells the pub/sub task about new channels; dropping it stops the task.
     commands: Mutex<Option<mpsc::UnboundedSender<String>>>,
 }
@@ -62,7 +60,7 @@ impl RedisBackplane {
     pub fn new(connection: RedisConnection) -> Self {
         Self {
             connection,
-            subscribers: Arc::default(),
+            subscriptions: Fanout::default(),
             commands: Mutex::new(None),
         }
     }
@@ -86,7 +84,7 @@ impl RedisBackplane {
                 let (tx, rx) = mpsc::unbounded_channel();
                 tokio::spawn(run_pubsub(
                     self.connection.clone(),
-                    self.subscribers.clone(),
+                    self.subscriptions.clone(),
                     rx,
                 ));
                 tx
@@ -104,17 +102,11 @@ impl Drop for RedisBackplane {
 
 impl Backplane for RedisBackplane {
     fn subscribe(&self, channel: &str) -> Result<Subscription, BackplaneError> {
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        self.subscribers
-            .lock()
-            .expect("redis backplane lock")
-            .entry(channel.to_string())
-            .or_default()
-            .push(tx);
+        let (subscription, _) = self.subscriptions.add(channel);
         self.commands()
             .send(channel.to_string())
             .map_err(|_| BackplaneError::Transport("redis pub/sub task has stopped".into()))?;
-        Ok(Subscription::new(rx))
+        Ok(subscription)
     }
 
     fn publish<'a>(
@@ -143,38 +135,11 @@ impl Backplane for RedisBackplane {
     }
 }
 
-/// Sends `event` to every subscriber of `channels` (all when `None`), pruning the closed ones.
-async fn notify(subscribers: &Subscribers, channels: Option<&[String]>, event: BackplaneEvent) {
-    let targets: Vec<_> = {
-        let mut map = subscribers.lock().expect("redis backplane lock");
-        map.retain(|_, subs| {
-            subs.retain(|s| !s.is_closed());
-            !subs.is_empty()
-        });
-        map.iter()
-            .filter(|(ch, _)| channels.is_none_or(|c| c.contains(ch)))
-            .flat_map(|(_, subs)| subs.iter().cloned())
-            .collect()
-    };
-    for tx in targets {
-        let _ = tx.send(event.clone()).await;
-    }
-}
-
-fn channel_list(subscribers: &Subscribers) -> Vec<String> {
-    subscribers
-        .lock()
-        .expect("redis backplane lock")
-        .keys()
-        .cloned()
-        .collect()
-}
-
 /// The pub/sub task: connect, subscribe every channel, forward messages; on loss, tell everyone and retry
 /// with capped exponential backoff. Ends when the backplane is dropped.
 async fn run_pubsub(
     connection: RedisConnection,
-    subscribers: Subscribers,
+    subscriptions: Fanout,
     mut commands: mpsc::UnboundedReceiver<String>,
 ) {
     let options = connection.options().clone();
@@ -208,7 +173,7 @@ async fn run_pubsub(
             continue;
         };
         let (mut sink, mut stream) = pubsub.split();
-        let channels = channel_list(&subscribers);
+        let channels = subscriptions.channels();
         if !channels.is_empty() {
             if let Err(e) = sink.subscribe(&channels).await {
                 log_failure(&connection, &mut failures, &e.to_string());
@@ -224,7 +189,11 @@ async fn run_pubsub(
             "redis pub/sub connected"
         );
         was_connected = true;
-        notify(&subscribers, Some(&channels), BackplaneEvent::Connected).await;
+        for channel in &channels {
+            subscriptions
+                .send(Some(channel), BackplaneEvent::Connected)
+                .await;
+        }
         let mut subscribed = channels;
 
         let mut health = tokio::time::interval(options.health_check_interval);
@@ -233,17 +202,8 @@ async fn run_pubsub(
             tokio::select! {
                 msg = stream.next() => match msg {
                     Some(msg) => {
-                        let channel = msg.get_channel_name();
-                        let targets: Vec<_> = subscribers
-                            .lock()
-                            .expect("redis backplane lock")
-                            .get(channel)
-                            .map(|subs| subs.iter().filter(|s| !s.is_closed()).cloned().collect())
-                            .unwrap_or_default();
                         let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
-                        for tx in targets {
-                            let _ = tx.send(BackplaneEvent::Message(payload.clone())).await;
-                        }
+                        subscriptions.send(Some(msg.get_channel_name()), BackplaneEvent::Message(payload)).await;
                     }
                     None => break "connection closed".to_string(),
                 },
@@ -251,12 +211,12 @@ async fn run_pubsub(
                     None => return,
                     Some(channel) => {
                         if subscribed.contains(&channel) {
-                            notify(&subscribers, Some(std::slice::from_ref(&channel)), BackplaneEvent::Connected).await;
+                            subscriptions.send(Some(&channel), BackplaneEvent::Connected).await;
                             continue;
                         }
                         match sink.subscribe(&channel).await {
                             Ok(()) => {
-                                notify(&subscribers, Some(std::slice::from_ref(&channel)), BackplaneEvent::Connected).await;
+                                subscriptions.send(Some(&channel), BackplaneEvent::Connected).await;
                                 subscribed.push(channel);
                             }
                             Err(e) => break e.to_string(),
@@ -274,7 +234,9 @@ async fn run_pubsub(
             }
         };
         tracing::warn!(endpoint = connection.endpoint(), %reason, "redis pub/sub disconnected; reconnecting");
-        notify(&subscribers, None, BackplaneEvent::Disconnected { reason }).await;
+        subscriptions
+            .send(None, BackplaneEvent::Disconnected { reason })
+            .await;
     }
 }
 
