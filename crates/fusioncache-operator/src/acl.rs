@@ -121,7 +121,7 @@ pub trait AclProvisioner: Send + Sync + 'static {
 
 /// Provisions ACL users on real Redis servers, connecting with the endpoint's admin credentials.
 ///
-/// TLS endpoints (`rediss://`) are not supported by this build (the redis client has no TLS feature).
+/// TLS endpoints (`rediss://`) are verified against the system's and webpki's root certificates.
 #[derive(Debug, Clone)]
 pub struct RedisAclProvisioner {
     timeout: Duration,

@@ -47,6 +47,7 @@ impl Fanout {
     }
 
     /// The channels with at least one live subscription.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn channels(&self) -> Vec<String> {
         let mut map = self.lock();
         map.retain(|_, subs| {
