@@ -287,3 +287,53 @@ async fn authenticates_with_user_password_token_and_nkey() {
             .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_over_tls_with_a_custom_ca() {
+    let dir = std::env::temp_dir().join(format!("fusioncache-nats-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    fusioncache_integration_tests::make_certificates(&dir);
+    let path = |f: &str| dir.join(f).display().to_string();
+    let server = NatsServer::start_with_args(&[
+        "--tls",
+        "--tlscert",
+        &path("server.crt"),
+        "--tlskey",
+        &path("server.key"),
+    ])
+    .unwrap();
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let node = || async {
+        let options = NatsOptions::new(&url).tls(Some(dir.join("ca.crt")));
+        FusionCache::<String>::builder()
+            .name("tls")
+            .backplane(NatsBackplane::connect_with(options).await.unwrap())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (node().await, node().await);
+    connected(&[&a, &b]).await;
+    b.set_with("k", s("old"), &local()).await.unwrap();
+    a.set("k", s("new")).await.unwrap();
+    assert!(
+        eventually(|| b.peek("k").is_none()).await,
+        "notified over TLS"
+    );
+
+    // Without the CA the server is not trusted: never connected, never a panic.
+    let untrusted = FusionCache::<String>::builder()
+        .backplane(
+            NatsBackplane::connect_with(NatsOptions::new(&url))
+                .await
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    assert!(
+        !untrusted
+            .wait_for_backplane(std::time::Duration::from_millis(500))
+            .await
+    );
+    drop(server);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -256,72 +256,11 @@ async fn an_acl_user_from_the_url_works_and_a_wrong_password_is_a_clear_error() 
     assert!(err.contains("distributed cache"), "{err}");
 }
 
-/// Makes a CA and a server certificate for 127.0.0.1 with the openssl CLI.
-fn make_certificates(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-subj",
-        "/CN=fusioncache-test-ca",
-        "-days",
-        "1",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-    ]);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_urls_connect_over_tls_with_a_custom_ca() {
     let dir = std::env::temp_dir().join(format!("fusioncache-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    make_certificates(&dir);
+    fusioncache_integration_tests::make_certificates(&dir);
     let tls_port = fusioncache_testkit::free_port();
     let path = |f: &str| dir.join(f).display().to_string();
     let server = RedisServer::start_with_args(&[
