@@ -1,0 +1,1455 @@
+//! Transport benchmarks: fusioncache over a real `redis-server` / `nats-server`, printed as a markdown table
+//! next to raw client baselines measured in the same run.
+//!
+//! `make bench-redis` / `make bench-nats`, or `transport-bench <redis|nats>` on a release build.
+//!
+//! Method (see issues 3 and 4):
+//! - the server is started by the testkit on a free loopback port (never the machine's 6379 / 4222);
+//! - this process pins itself to core 0 first thing in `main` (every thread created later inherits the
+//!   mask), and the server, all its threads, to core 1;
+//! - everything runs on one tokio `current_thread` runtime (the process has one core anyway);
+//! - fusioncache and its raw baseline run in alternating blocks (latency) or rounds (throughput), so both
+//!   see the same machine;
+//! - a node is used only once a probe message published on its channel has reached it (see `wait_live`);
+//! - every wait is bounded: a stuck server is an error, never a hang.
+
+use std::cell::Cell;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use async_nats::Subject;
+use bytes::Bytes;
+use fusioncache::backplane::nats::NatsBackplane;
+use fusioncache::backplane::redis::RedisBackplane;
+use fusioncache::backplane::{channel_name, now_ticks, Action, BackplaneMessage};
+use fusioncache::l2::redis::RedisDistributedCache;
+use fusioncache::redis::RedisConnection;
+use fusioncache::{EntryOptions, FusionCache};
+use fusioncache_testkit::{NatsServer, RedisServer};
+use futures_util::StreamExt;
+
+type BoxError = Box<dyn std::error::Error>;
+type Res<T> = Result<T, BoxError>;
+
+/// Latency iterations run (and discarded) before measuring, per side.
+const WARMUP: usize = 200;
+/// Latency iterations measured, per side.
+const ITERATIONS: usize = 2_000;
+/// Latency iterations per block; the two sides alternate blocks.
+const BLOCK: usize = 200;
+/// Messages per throughput round.
+const THROUGHPUT_MESSAGES: usize = 200_000;
+/// Messages per pipeline (Redis) or per flush (NATS).
+const PIPELINE: usize = 500;
+/// The most messages published and not yet consumed: the publisher waits above it. Bursts larger than
+/// async-nats' subscription buffer (65 536 messages) would otherwise be dropped by the client (slow
+/// consumer), on the raw side as on fusioncache's, and Redis would buffer megabytes per subscriber.
+const WINDOW: usize = 20_000;
+/// Throughput rounds per side; the median is reported (after one discarded warm-up round per side).
+const ROUNDS: usize = 3;
+/// The longest one latency iteration (or settling step) may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest one throughput round may take.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(20);
+/// A throughput round ends early when its consumer got nothing for this long (messages were lost).
+const STALL: Duration = Duration::from_secs(1);
+/// The longest a connection or subscription may take to come up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The propagated key; with a 36-byte instance id its backplane message is 61 bytes.
+const KEY: &str = "bench:k";
+/// A foreign instance id (no cache of this process has it, so its messages are applied, not ignored).
+const FOREIGN_SOURCE: &str = "0b5f8a3e-9c1d-4e7f-8a2b-3c4d5e6f7a8b";
+/// The channel of the raw latency baseline (no cache listens on it).
+const RAW_LATENCY_CHANNEL: &str = "rawbench.Backplane:v2";
+
+fn main() -> ExitCode {
+    // First thing: pin this process to core 0. Only the main thread exists yet; every thread created later
+    // (the runtime's, its blocking pool's) inherits the mask.
+    let self_pin = pin(std::process::id(), 0);
+    let transport = match std::env::args().nth(1).as_deref() {
+        Some("redis") => Transport::Redis,
+        Some("nats") => Transport::Nats,
+        _ => {
+            eprintln!("usage: transport-bench <redis|nats>");
+            return ExitCode::from(2);
+        }
+    };
+    match run(transport, self_pin) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("transport-bench {}: error: {e}", transport.name());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    Redis,
+    Nats,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Redis => "redis",
+            Transport::Nats => "nats",
+        }
+    }
+}
+
+fn run(transport: Transport, self_pin: Result<(), String>) -> Res<()> {
+    let started = Instant::now();
+    let mut notes = Vec::new();
+    let load_before = load_average()?;
+    let quiet = load_before <= 1.0;
+    if !quiet {
+        notes.push(format!(
+            "WARNING: 1-minute load average is {load_before:.2} (> 1.0) before measuring: the machine is \
+             not quiet (another build?), figures may be noisy"
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot build the tokio runtime: {e}"))?;
+
+    let report = match transport {
+        Transport::Redis => {
+            let server =
+                RedisServer::start().map_err(|e| format!("cannot start redis-server: {e}"))?;
+            let pid = server
+                .pid()
+                .ok_or("redis-server exited right after it started")?;
+            notes.push(pin_server("redis-server", pid));
+            rt.block_on(redis_bench(&server))?
+        }
+        Transport::Nats => {
+            let server =
+                NatsServer::start().map_err(|e| format!("cannot start nats-server: {e}"))?;
+            let pid = server
+                .pid()
+                .ok_or("nats-server exited right after it started")?;
+            notes.push(pin_server("nats-server", pid));
+            rt.block_on(nats_bench(&server))?
+        }
+    };
+    let load_after = load_average()?;
+    // Read now that every thread of this process exists.
+    notes.insert(
+        0,
+        match self_pin {
+            Ok(()) => format!(
+                "bench process pinned to core 0 (taskset -a -cp 0; cpus allowed: {})",
+                cpus_allowed(std::process::id())
+            ),
+            Err(e) => format!("WARNING: the bench process is not pinned to core 0: {e}"),
+        },
+    );
+
+    println!();
+    println!("## transport-bench {}", transport.name());
+    println!();
+    println!("server: {}", report.server);
+    println!(
+        "1-minute load average: {load_before:.2} before, {load_after:.2} after{}",
+        if quiet { "" } else { " (NOT QUIET)" }
+    );
+    println!(
+        "runtime: tokio current_thread for every measure (the process is pinned to one core, so a \
+         multi-thread runtime would only add cross-thread wake-ups)"
+    );
+    for note in notes.iter().chain(&report.notes) {
+        println!("{note}");
+    }
+    println!();
+    println!("| measure | fusioncache | raw baseline | ratio | goal |");
+    println!("|---|---:|---:|---:|---|");
+    for row in &report.rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            row.measure,
+            row.fusioncache,
+            row.baseline,
+            row.ratio.map_or("-".to_string(), |r| format!("{r:.2}x")),
+            row.goal.map_or(String::new(), |g| g.verdict(row.ratio)),
+        );
+    }
+    println!();
+    for detail in &report.details {
+        println!("{detail}");
+    }
+    println!("total: {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Report
+
+struct Report {
+    server: String,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+    details: Vec<String>,
+}
+
+struct Row {
+    measure: String,
+    fusioncache: String,
+    baseline: String,
+    /// fusioncache / baseline; `None` when fusioncache has no figure (it failed).
+    ratio: Option<f64>,
+    goal: Option<Goal>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+impl Goal {
+    fn verdict(self, ratio: Option<f64>) -> String {
+        let (text, met) = match self {
+            Goal::AtMost(g) => (format!("<= {g:.2}x"), ratio.is_some_and(|r| r <= g)),
+            Goal::AtLeast(g) => (format!(">= {g:.2}x"), ratio.is_some_and(|r| r >= g)),
+        };
+        format!("{text}: {}", if met { "met" } else { "MISSED" })
+    }
+}
+
+/// p50 / p99 (nearest rank) in microseconds.
+fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+        samples[rank - 1].as_secs_f64() * 1e6
+    };
+    (at(0.50), at(0.99))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The p50 and p99 rows of a latency pair (fusioncache, baseline); the goal applies to one of them.
+fn latency_rows(
+    what: &str,
+    fc: &mut [Duration],
+    base: &mut [Duration],
+    p50_goal: Option<Goal>,
+    p99_goal: Option<Goal>,
+) -> Vec<Row> {
+    let (fc50, fc99) = percentiles(fc);
+    let (b50, b99) = percentiles(base);
+    vec![
+        Row {
+            measure: format!("{what} p50 (µs)"),
+            fusioncache: format!("{fc50:.1}"),
+            baseline: format!("{b50:.1}"),
+            ratio: Some(fc50 / b50),
+            goal: p50_goal,
+        },
+        Row {
+            measure: format!("{what} p99 (µs)"),
+            fusioncache: format!("{fc99:.1}"),
+            baseline: format!("{b99:.1}"),
+            ratio: Some(fc99 / b99),
+            goal: p99_goal,
+        },
+    ]
+}
+
+/// A fusioncache throughput round: msgs/s, or what went wrong.
+type FcRound = Result<f64, String>;
+
+fn throughput_row(what: &str, fc: &[FcRound], raw: &[f64]) -> (Row, Vec<String>) {
+    let list = |v: &mut dyn Iterator<Item = f64>| {
+        v.map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ")
+    };
+    let r = median(raw);
+    let rates: Vec<f64> = fc.iter().filter_map(|x| x.as_ref().ok().copied()).collect();
+    let failures: Vec<&String> = fc.iter().filter_map(|x| x.as_ref().err()).collect();
+    let (fusioncache, ratio) = if failures.is_empty() {
+        let f = median(&rates);
+        (format!("{f:.0}"), Some(f / r))
+    } else {
+        (
+            format!("LOST MESSAGES in {} of {ROUNDS} rounds", failures.len()),
+            None,
+        )
+    };
+    let row = Row {
+        measure: format!("{what} (msgs/s, median of {ROUNDS})"),
+        fusioncache,
+        baseline: format!("{r:.0}"),
+        ratio,
+        goal: Some(Goal::AtLeast(0.8)),
+    };
+    let mut details = vec![format!(
+        "throughput rounds ({THROUGHPUT_MESSAGES} messages each, alternating raw then fusioncache, after one \
+         discarded warm-up round each): raw [{}] msgs/s; fusioncache [{}] msgs/s",
+        list(&mut raw.iter().copied()),
+        list(&mut rates.iter().copied()),
+    )];
+    for f in failures {
+        details.push(format!("fusioncache throughput round: {f}"));
+    }
+    (row, details)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Machine
+
+/// Pins every thread of `pid` to `core` with `taskset -a -cp`.
+fn pin(pid: u32, core: u32) -> Result<(), String> {
+    let out = Command::new("taskset")
+        .args(["-a", "-cp", &core.to_string(), &pid.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run taskset: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`taskset -a -cp {core} {pid}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn pin_server(what: &str, pid: u32) -> String {
+    match pin(pid, 1) {
+        Ok(()) => format!(
+            "{what} (pid {pid}) pinned to core 1, all threads (taskset -a -cp 1; cpus allowed: {})",
+            cpus_allowed(pid)
+        ),
+        Err(e) => format!("WARNING: {what} (pid {pid}) is not pinned to core 1: {e}"),
+    }
+}
+
+/// The CPUs every thread of `pid` may run on, from /proc (distinct lists joined by ` / `).
+fn cpus_allowed(pid: u32) -> String {
+    let mut lists: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        })
+        .collect();
+    lists.sort();
+    lists.dedup();
+    if lists.is_empty() {
+        "unknown".to_string()
+    } else {
+        lists.join(" / ")
+    }
+}
+
+fn load_average() -> Res<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg")
+        .map_err(|e| format!("cannot read /proc/loadavg: {e}"))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("unexpected /proc/loadavg: {text:?}").into())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Helpers
+
+/// Runs `fut`, failing with a message naming `what` after `limit`.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Res<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| format!("timed out after {limit:?} waiting for {what}").into())
+}
+
+/// Yields until `cond` holds, at most `limit`.
+async fn settle(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Res<()> {
+    let t0 = Instant::now();
+    while !cond() {
+        if t0.elapsed() > limit {
+            return Err(format!("timed out after {limit:?} waiting for {what}").into());
+        }
+        tokio::task::yield_now().await;
+    }
+    Ok(())
+}
+
+async fn ready(cache: &FusionCache<String>, what: &str) -> Res<()> {
+    if cache.wait_for_backplane(CONNECT_TIMEOUT).await {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: backplane not connected after {CONNECT_TIMEOUT:?} (state {:?})",
+            cache.backplane_state()
+        )
+        .into())
+    }
+}
+
+fn entry_options() -> EntryOptions {
+    EntryOptions::new().duration(Duration::from_secs(600))
+}
+
+/// A value of ~48 bytes.
+fn value(seq: u64) -> String {
+    format!("value {seq:012} of a benchmark entry, 48 bytes")
+}
+
+/// A valid backplane message from a foreign node, as in the latency baselines (61 bytes).
+fn sample_payload() -> Bytes {
+    BackplaneMessage::new(FOREIGN_SOURCE, now_ticks(), Action::Set, KEY).encode()
+}
+
+/// `n` valid `Remove` messages on distinct keys, from a foreign node.
+fn removal_payloads(n: usize) -> Vec<Bytes> {
+    let ts = now_ticks();
+    (0..n)
+        .map(|i| {
+            let key = format!("bench:t:{i:06}");
+            BackplaneMessage::new(FOREIGN_SOURCE, ts, Action::Remove, &key).encode()
+        })
+        .collect()
+}
+
+/// A raw client publishing probe messages.
+enum RawPublisher<'a> {
+    Redis(&'a mut redis::aio::MultiplexedConnection),
+    Nats(&'a async_nats::Client),
+}
+
+impl RawPublisher<'_> {
+    async fn publish(&mut self, channel: &str, payload: Bytes) -> Res<()> {
+        match self {
+            RawPublisher::Redis(conn) => {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(payload.as_ref())
+                    .query_async::<i64>(&mut **conn)
+                    .await
+                    .map_err(|e| format!("PUBLISH: {e}"))?;
+            }
+            RawPublisher::Nats(client) => {
+                client
+                    .publish(channel.to_string(), payload)
+                    .await
+                    .map_err(|e| format!("NATS publish: {e}"))?;
+                client
+                    .flush()
+                    .await
+                    .map_err(|e| format!("NATS flush: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How often `wait_for_backplane` said "connected" before the node could actually receive.
+#[derive(Default)]
+struct Liveness {
+    setups: usize,
+    early: usize,
+    most_probes: usize,
+}
+
+impl Liveness {
+    fn note(&self) -> Option<String> {
+        (self.early > 0).then(|| {
+            format!(
+                "NOTE: in {} of {} node setups, wait_for_backplane() returned true before the node \
+                 received anything published on its channel (up to {} probes 10 ms apart were needed): \
+                 notifications sent in that window are lost",
+                self.early, self.setups, self.most_probes
+            )
+        })
+    }
+}
+
+/// Publishes probe messages (a foreign `Remove` of an unused key) on the nodes' channel, 10 ms apart,
+/// until every node applied one, then lets stragglers arrive. `wait_for_backplane` alone is not enough:
+/// it may report the subscription live before the server has it.
+async fn wait_live(
+    mut publisher: RawPublisher<'_>,
+    nodes: &[&FusionCache<String>],
+    liveness: &mut Liveness,
+) -> Res<()> {
+    let Some(first) = nodes.first() else {
+        return Ok(());
+    };
+    let probe =
+        BackplaneMessage::new(FOREIGN_SOURCE, now_ticks(), Action::Remove, "bench:probe").encode();
+    let before: Vec<u64> = nodes.iter().map(|n| n.stats().backplane_received).collect();
+    let t0 = Instant::now();
+    let mut probes = 0;
+    loop {
+        publisher.publish(first.channel(), probe.clone()).await?;
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let live = nodes
+            .iter()
+            .zip(&before)
+            .all(|(n, b)| n.stats().backplane_received > *b);
+        if live {
+            break;
+        }
+        if t0.elapsed() > CONNECT_TIMEOUT {
+            return Err(format!(
+                "nodes on {} received no probe message within {CONNECT_TIMEOUT:?}",
+                first.channel()
+            )
+            .into());
+        }
+    }
+    liveness.setups += 1;
+    if probes > 1 {
+        liveness.early += 1;
+        liveness.most_probes = liveness.most_probes.max(probes);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    Ok(())
+}
+
+/// CPU time (user + system, all threads) of a process, from /proc, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU use of the bench and of the server over the timed throughput rounds of one side.
+#[derive(Default)]
+struct CpuUse {
+    wall: f64,
+    bench: f64,
+    server: f64,
+}
+
+impl CpuUse {
+    /// Starts measuring one round.
+    fn start(server_pid: u32) -> (Instant, Option<f64>, Option<f64>) {
+        (
+            Instant::now(),
+            cpu_seconds(std::process::id()),
+            cpu_seconds(server_pid),
+        )
+    }
+
+    fn add(&mut self, server_pid: u32, start: (Instant, Option<f64>, Option<f64>)) {
+        let (t0, bench0, server0) = start;
+        let bench1 = cpu_seconds(std::process::id());
+        let server1 = cpu_seconds(server_pid);
+        self.wall += t0.elapsed().as_secs_f64();
+        self.bench += bench1.zip(bench0).map_or(f64::NAN, |(b, a)| b - a);
+        self.server += server1.zip(server0).map_or(f64::NAN, |(b, a)| b - a);
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "bench process {:.0}% of its core, server {:.0}% of its core",
+            100.0 * self.bench / self.wall,
+            100.0 * self.server / self.wall
+        )
+    }
+}
+
+fn cpu_detail(raw: &CpuUse, fc: &CpuUse) -> String {
+    format!(
+        "CPU use over the timed throughput rounds: raw: {}; fusioncache: {}",
+        raw.describe(),
+        fc.describe()
+    )
+}
+
+/// One timed operation of a latency measure.
+trait Probe {
+    /// Runs one iteration and returns its timed part.
+    async fn once(&mut self) -> Res<Duration>;
+    /// Called after every block, outside the timed sections: lets background work finish.
+    async fn quiesce(&mut self) -> Res<()> {
+        Ok(())
+    }
+}
+
+/// Warms both up, then measures `ITERATIONS` of each in alternating blocks (the order flips every block).
+async fn interleaved(
+    fc: &mut impl Probe,
+    base: &mut impl Probe,
+) -> Res<(Vec<Duration>, Vec<Duration>)> {
+    for _ in 0..WARMUP {
+        fc.once().await?;
+    }
+    fc.quiesce().await?;
+    for _ in 0..WARMUP {
+        base.once().await?;
+    }
+    base.quiesce().await?;
+    let (mut a, mut b) = (
+        Vec::with_capacity(ITERATIONS),
+        Vec::with_capacity(ITERATIONS),
+    );
+    for block in 0..ITERATIONS.div_ceil(BLOCK) {
+        for side in 0..2 {
+            if (block + side) % 2 == 0 {
+                for _ in 0..BLOCK {
+                    a.push(fc.once().await?);
+                }
+                fc.quiesce().await?;
+            } else {
+                for _ in 0..BLOCK {
+                    b.push(base.once().await?);
+                }
+                base.quiesce().await?;
+            }
+        }
+    }
+    Ok((a, b))
+}
+
+/// Propagation: A sets, B's L1 stops holding the old value.
+struct Propagation {
+    a: FusionCache<String>,
+    b: FusionCache<String>,
+    /// Without L2, B's entry is only marked stale: B sets the new value locally after each iteration.
+    refill_locally: bool,
+    local_only: EntryOptions,
+    seq: u64,
+    current: String,
+    /// Sets done on A, each of which comes back to A as a self message.
+    a_sets: u64,
+}
+
+impl Propagation {
+    async fn new(
+        a: FusionCache<String>,
+        b: FusionCache<String>,
+        refill_locally: bool,
+    ) -> Res<Self> {
+        ready(&a, "node A").await?;
+        ready(&b, "node B").await?;
+        let mut p = Self {
+            a,
+            b,
+            refill_locally,
+            local_only: entry_options().skip_backplane_notifications(true),
+            seq: 0,
+            current: value(0),
+            a_sets: 0,
+        };
+        if refill_locally {
+            p.b.set_with(KEY, p.current.clone(), &p.local_only)
+                .await
+                .map_err(|e| format!("node B set: {e}"))?;
+        } else {
+            p.a.set(KEY, p.current.clone())
+                .await
+                .map_err(|e| format!("node A set: {e}"))?;
+            p.a_sets += 1;
+            p.b.get(KEY).await;
+        }
+        if p.b.peek(KEY).as_ref() != Some(&p.current) {
+            return Err("node B does not hold the key in L1 after the initial write".into());
+        }
+        p.wait_for_echo().await?;
+        Ok(p)
+    }
+
+    async fn wait_for_echo(&self) -> Res<()> {
+        let a = &self.a;
+        let want = self.a_sets;
+        settle(
+            STEP_TIMEOUT,
+            "node A's own notifications to come back",
+            || a.stats().backplane_self_ignored >= want,
+        )
+        .await
+    }
+}
+
+impl Probe for Propagation {
+    async fn once(&mut self) -> Res<Duration> {
+        self.seq += 1;
+        let new = value(self.seq);
+        self.a
+            .set(KEY, new.clone())
+            .await
+            .map_err(|e| format!("node A set: {e}"))?;
+        let t0 = Instant::now();
+        while self.b.peek(KEY).as_ref() == Some(&self.current) {
+            if t0.elapsed() > STEP_TIMEOUT {
+                return Err(format!(
+                    "node B still holds the old value {STEP_TIMEOUT:?} after node A's set"
+                )
+                .into());
+            }
+            tokio::task::yield_now().await;
+        }
+        let elapsed = t0.elapsed();
+        self.a_sets += 1;
+
+        // Untimed: B holds the new value again, and A's own notification has come back.
+        if self.refill_locally {
+            self.b
+                .set_with(KEY, new.clone(), &self.local_only)
+                .await
+                .map_err(|e| format!("node B local set: {e}"))?;
+        } else {
+            // B refreshes from L2 in the background; fall back to a read if that does not happen.
+            let b = &self.b;
+            let refreshed = settle(Duration::from_millis(200), "B's refresh", || {
+                b.peek(KEY).as_ref() == Some(&new)
+            })
+            .await;
+            if refreshed.is_err() && b.get(KEY).await.as_ref() != Some(&new) {
+                return Err("node B cannot read the new value from L2".into());
+            }
+        }
+        self.wait_for_echo().await?;
+        self.current = new;
+        Ok(elapsed)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Redis
+
+fn redis_node(url: &str, name: &str, backplane: bool) -> Res<FusionCache<String>> {
+    let conn = RedisConnection::open(url).map_err(|e| format!("invalid redis url {url}: {e}"))?;
+    let mut builder = FusionCache::builder()
+        .name(name)
+        .default_entry_options(entry_options())
+        .distributed_cache(RedisDistributedCache::new(conn.clone()));
+    if backplane {
+        builder = builder.backplane(RedisBackplane::new(conn));
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build cache {name}: {e}").into())
+}
+
+/// Raw redis-rs: PUBLISH on a multiplexed connection, receipt on a pub/sub connection.
+struct RawRedisLatency {
+    conn: redis::aio::MultiplexedConnection,
+    stream: redis::aio::PubSubStream,
+    payload: Bytes,
+}
+
+impl Probe for RawRedisLatency {
+    async fn once(&mut self) -> Res<Duration> {
+        let Self {
+            conn,
+            stream,
+            payload,
+        } = self;
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(RAW_LATENCY_CHANNEL).arg(payload.as_ref());
+        let t0 = Instant::now();
+        let (published, (received, at)) = within(STEP_TIMEOUT, "a raw PUBLISH to arrive", async {
+            tokio::join!(cmd.query_async::<i64>(conn), async {
+                (stream.next().await.is_some(), Instant::now())
+            })
+        })
+        .await?;
+        let receivers = published.map_err(|e| format!("raw PUBLISH: {e}"))?;
+        if !received || receivers != 1 {
+            return Err(
+                format!("raw pub/sub: stream ended or wrong receiver count ({receivers})").into(),
+            );
+        }
+        Ok(at - t0)
+    }
+}
+
+/// `set` on one node (with or without backplane).
+struct SetProbe {
+    node: FusionCache<String>,
+    backplane: bool,
+    /// Waits, untimed, after every set until its notification has come back, so that no background
+    /// work of one set overlaps the next (otherwise only after every block).
+    spaced: bool,
+    seq: u64,
+    keys: Vec<String>,
+}
+
+impl SetProbe {
+    fn new(node: FusionCache<String>, backplane: bool, spaced: bool) -> Self {
+        Self {
+            node,
+            backplane,
+            spaced,
+            seq: 0,
+            keys: (0..100).map(|i| format!("bench:s:{i:03}")).collect(),
+        }
+    }
+}
+
+impl Probe for SetProbe {
+    async fn once(&mut self) -> Res<Duration> {
+        self.seq += 1;
+        let key = &self.keys[(self.seq % self.keys.len() as u64) as usize];
+        let v = value(self.seq);
+        let t0 = Instant::now();
+        self.node
+            .set(key, v)
+            .await
+            .map_err(|e| format!("set: {e}"))?;
+        let elapsed = t0.elapsed();
+        if self.spaced {
+            self.quiesce().await?;
+        }
+        Ok(elapsed)
+    }
+
+    async fn quiesce(&mut self) -> Res<()> {
+        if !self.backplane {
+            return Ok(());
+        }
+        let (node, want) = (&self.node, self.seq);
+        settle(STEP_TIMEOUT, "the node's own notifications", || {
+            node.stats().backplane_self_ignored >= want
+        })
+        .await
+    }
+}
+
+/// `set` latency on a node with L2 + backplane against one with L2 only.
+async fn set_rows(url: &str, spaced: bool) -> Res<Vec<Row>> {
+    let on = redis_node(url, "benchset", true)?;
+    ready(&on, "set node (backplane on)").await?;
+    let off = redis_node(url, "benchset", false)?;
+    let (mut with_bp, mut without_bp) = interleaved(
+        &mut SetProbe::new(on, true, spaced),
+        &mut SetProbe::new(off, false, spaced),
+    )
+    .await?;
+    let what = if spaced {
+        "`set`, spaced (backplane on vs off)"
+    } else {
+        "`set`, back-to-back (backplane on vs off)"
+    };
+    let mut rows = latency_rows(
+        what,
+        &mut with_bp,
+        &mut without_bp,
+        Some(Goal::AtMost(1.1)),
+        None,
+    );
+    for r in &mut rows {
+        r.baseline = format!("{} (off)", r.baseline);
+    }
+    Ok(rows)
+}
+
+async fn redis_numsub(conn: &mut redis::aio::MultiplexedConnection, channel: &str) -> Res<i64> {
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("PUBSUB NUMSUB: {e}"))?;
+    Ok(n)
+}
+
+/// Waits until `channel` has exactly `want` subscribers.
+async fn redis_wait_subscribers(
+    conn: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    want: i64,
+) -> Res<()> {
+    let t0 = Instant::now();
+    loop {
+        let n = redis_numsub(conn, channel).await?;
+        if n == want {
+            return Ok(());
+        }
+        if t0.elapsed() > CONNECT_TIMEOUT {
+            return Err(format!("{channel} has {n} subscribers, expected {want}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn redis_publish_all(
+    conn: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    payloads: &[Bytes],
+    consumed: impl Fn() -> u64,
+) -> Res<()> {
+    for (i, chunk) in payloads.chunks(PIPELINE).enumerate() {
+        if !wait_for_window((i * PIPELINE) as u64, &consumed).await {
+            return Ok(()); // the consumer lost messages: the counting side reports it
+        }
+        let mut pipe = redis::pipe();
+        for p in chunk {
+            pipe.cmd("PUBLISH").arg(channel).arg(p.as_ref()).ignore();
+        }
+        pipe.query_async::<()>(conn)
+            .await
+            .map_err(|e| format!("pipelined PUBLISH: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Before publishing more: waits (1 ms sleeps) while more than `WINDOW` of the `sent` messages are not yet
+/// consumed. Returns `false` when the consumer made no progress for `STALL` (messages were lost).
+async fn wait_for_window(sent: u64, consumed: &impl Fn() -> u64) -> bool {
+    let (mut seen, mut at) = (consumed(), Instant::now());
+    while sent.saturating_sub(seen) > WINDOW as u64 {
+        if at.elapsed() > STALL {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let now = consumed();
+        if now != seen {
+            (seen, at) = (now, Instant::now());
+        }
+    }
+    true
+}
+
+/// Messages per second from the first PUBLISH until the last message counted.
+fn rate(t0: Instant, done: Instant) -> f64 {
+    THROUGHPUT_MESSAGES as f64 / (done - t0).as_secs_f64()
+}
+
+async fn redis_bench(server: &RedisServer) -> Res<Report> {
+    let url = server.url();
+    let client =
+        redis::Client::open(url.as_str()).map_err(|e| format!("invalid redis url {url}: {e}"))?;
+    let mut publisher = within(
+        CONNECT_TIMEOUT,
+        "a redis connection",
+        client.get_multiplexed_async_connection(),
+    )
+    .await?
+    .map_err(|e| format!("cannot connect to redis at {url}: {e}"))?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut publisher)
+        .await
+        .map_err(|e| format!("INFO server: {e}"))?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let server_pid = server.pid().ok_or("redis-server is not running")?;
+    let mut rows = Vec::new();
+    let mut details = Vec::new();
+    let mut liveness = Liveness::default();
+
+    // 1. Propagation latency.
+    let (mut fc, mut raw) = {
+        let a = redis_node(&url, "bench", true)?;
+        let b = redis_node(&url, "bench", true)?;
+        ready(&a, "node A").await?;
+        ready(&b, "node B").await?;
+        wait_live(
+            RawPublisher::Redis(&mut publisher),
+            &[&a, &b],
+            &mut liveness,
+        )
+        .await?;
+        let mut prop = Propagation::new(a, b, false).await?;
+        let mut pubsub = within(CONNECT_TIMEOUT, "a redis pub/sub connection", async {
+            client.get_async_pubsub().await
+        })
+        .await?
+        .map_err(|e| format!("redis pub/sub connection: {e}"))?;
+        pubsub
+            .subscribe(RAW_LATENCY_CHANNEL)
+            .await
+            .map_err(|e| format!("SUBSCRIBE: {e}"))?;
+        let mut base = RawRedisLatency {
+            conn: publisher.clone(),
+            stream: pubsub.into_on_message(),
+            payload: sample_payload(),
+        };
+        details.push(format!(
+            "propagation: {ITERATIONS} iterations per side after {WARMUP} of warm-up, blocks of {BLOCK} \
+             alternating; fusioncache = A.set returned -> B.peek no longer the old value (L2 + \
+             RedisBackplane, separate connections); raw = redis-rs PUBLISH ({} bytes) on a \
+             MultiplexedConnection -> receipt on a PubSub stream",
+            base.payload.len()
+        ));
+        interleaved(&mut prop, &mut base).await?
+    };
+    rows.extend(latency_rows(
+        "propagation",
+        &mut fc,
+        &mut raw,
+        None,
+        Some(Goal::AtMost(2.0)),
+    ));
+
+    // 2. Notifications applied per second.
+    let tp_name = "benchtp";
+    let channel = channel_name(None, Some(tp_name));
+    let payloads = removal_payloads(THROUGHPUT_MESSAGES);
+    let (mut fc_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    let (mut fc_cpu, mut raw_cpu) = (CpuUse::default(), CpuUse::default());
+    for round in 0..=ROUNDS {
+        // Round 0 warms both sides up and is discarded.
+        let keep = round > 0;
+        // (a) raw: a pub/sub stream counts the messages.
+        redis_wait_subscribers(&mut publisher, &channel, 0).await?;
+        let mut pubsub = within(CONNECT_TIMEOUT, "a redis pub/sub connection", async {
+            client.get_async_pubsub().await
+        })
+        .await?
+        .map_err(|e| format!("redis pub/sub connection: {e}"))?;
+        pubsub
+            .subscribe(&channel)
+            .await
+            .map_err(|e| format!("SUBSCRIBE: {e}"))?;
+        redis_wait_subscribers(&mut publisher, &channel, 1).await?;
+        let mut stream = pubsub.into_on_message();
+        let counted = Cell::new(0u64);
+        let cpu = CpuUse::start(server_pid);
+        let t0 = Instant::now();
+        let (published, (count, done)) = within(ROUND_TIMEOUT, "raw pub/sub throughput", async {
+            tokio::join!(
+                redis_publish_all(&mut publisher, &channel, &payloads, || counted.get()),
+                async {
+                    let mut n = 0;
+                    while n < THROUGHPUT_MESSAGES
+                        && matches!(
+                            tokio::time::timeout(STALL, stream.next()).await,
+                            Ok(Some(_))
+                        )
+                    {
+                        n += 1;
+                        counted.set(n as u64);
+                    }
+                    (n, Instant::now())
+                }
+            )
+        })
+        .await?;
+        published?;
+        if count != THROUGHPUT_MESSAGES {
+            return Err(format!(
+                "raw pub/sub: {count} of {THROUGHPUT_MESSAGES} messages received (stream ended or \
+                 nothing for {STALL:?}): the baseline lost messages"
+            )
+            .into());
+        }
+        if keep {
+            raw_rates.push(rate(t0, done));
+            raw_cpu.add(server_pid, cpu);
+        }
+        drop(stream);
+
+        // (b) fusioncache: a node subscribed on its channel counts what it applied.
+        redis_wait_subscribers(&mut publisher, &channel, 0).await?;
+        let node = redis_node(&url, tp_name, true)?;
+        ready(&node, "throughput node").await?;
+        redis_wait_subscribers(&mut publisher, &channel, 1).await?;
+        wait_live(RawPublisher::Redis(&mut publisher), &[&node], &mut liveness).await?;
+        let base = node.stats().backplane_received;
+        let cpu = CpuUse::start(server_pid);
+        let t0 = Instant::now();
+        let (published, (applied, done)) = within(ROUND_TIMEOUT, "fusioncache throughput", async {
+            tokio::join!(
+                redis_publish_all(&mut publisher, &channel, &payloads, || {
+                    node.stats().backplane_received - base
+                }),
+                count_applied(&node, base)
+            )
+        })
+        .await?;
+        published?;
+        check_applied(&node)?;
+        if keep {
+            fc_rates.push(fc_outcome(&node, applied, t0, done));
+            fc_cpu.add(server_pid, cpu);
+        }
+        drop(node);
+    }
+    let (row, more) = throughput_row("notifications applied", &fc_rates, &raw_rates);
+    rows.push(row);
+    details.extend(more);
+    details.push(cpu_detail(&raw_cpu, &fc_cpu));
+    details.push(format!(
+        "throughput: valid Remove messages on distinct keys from a foreign source id, PUBLISHed from a raw \
+         MultiplexedConnection in pipelines of {PIPELINE}, at most {WINDOW} published and not yet counted; \
+         fusioncache counts via stats().backplane_received (polled every ~1 ms), raw counts on a PubSub stream"
+    ));
+
+    // 3. set latency with the backplane on and off.
+    rows.extend(set_rows(&url, false).await?);
+    rows.extend(set_rows(&url, true).await?);
+    details.push(format!(
+        "set: L2 (Redis) + RedisBackplane vs L2 only (one connection per node), default entry options \
+         (the notification is sent in the background), {ITERATIONS} sets per side in alternating blocks of \
+         {BLOCK}, 100 keys, 48-byte values; back-to-back = each set starts as soon as the previous one \
+         returned, spaced = each set starts once the previous set's notification came back to the node \
+         (untimed wait; the L2-only node has nothing to wait for)"
+    ));
+
+    Ok(Report {
+        server: format!(
+            "redis-server {version} at {url} (pid {})",
+            server.pid().unwrap_or(0)
+        ),
+        rows,
+        notes: liveness.note().into_iter().collect(),
+        details,
+    })
+}
+
+/// Polls the node's counters (every ~1 ms) until it applied `THROUGHPUT_MESSAGES` more messages, or until
+/// it made no progress for `STALL`; returns how many it applied and when the last one was seen.
+async fn count_applied(node: &FusionCache<String>, base: u64) -> (u64, Instant) {
+    let want = THROUGHPUT_MESSAGES as u64;
+    let (mut seen, mut at) = (0, Instant::now());
+    loop {
+        let applied = node.stats().backplane_received - base;
+        if applied != seen {
+            (seen, at) = (applied, Instant::now());
+        }
+        if seen >= want || at.elapsed() > STALL {
+            return (seen, at);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The rate of a fusioncache round, or why there is none: messages never applied (dropped on the way).
+fn fc_outcome(node: &FusionCache<String>, applied: u64, t0: Instant, done: Instant) -> FcRound {
+    if applied >= THROUGHPUT_MESSAGES as u64 {
+        return Ok(rate(t0, done));
+    }
+    let s = node.stats();
+    Err(format!(
+        "{applied} of {THROUGHPUT_MESSAGES} applied, {} lost (connection events while receiving: {} \
+         reconnects / L1 marked stale {} times)",
+        THROUGHPUT_MESSAGES as u64 - applied,
+        s.backplane_reconnects,
+        s.l1_mark_all_stale
+    ))
+}
+
+fn check_applied(node: &FusionCache<String>) -> Res<()> {
+    let s = node.stats();
+    if s.backplane_malformed != 0 || s.backplane_self_ignored != 0 {
+        return Err(format!(
+            "throughput node: {} malformed and {} self messages (expected none)",
+            s.backplane_malformed, s.backplane_self_ignored
+        )
+        .into());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// NATS
+
+async fn nats_connect(url: &str) -> Res<async_nats::Client> {
+    let options = async_nats::ConnectOptions::new().event_callback(|event| async move {
+        // Slow consumers, disconnections: anything but connecting and closing is worth seeing.
+        if !matches!(
+            event,
+            async_nats::Event::Connected | async_nats::Event::Closed
+        ) {
+            eprintln!("raw NATS client event: {event}");
+        }
+    });
+    within(CONNECT_TIMEOUT, "a NATS connection", options.connect(url))
+        .await?
+        .map_err(|e| format!("cannot connect to NATS at {url}: {e}").into())
+}
+
+async fn nats_node(url: &str, name: &str) -> Res<FusionCache<String>> {
+    let backplane = within(
+        CONNECT_TIMEOUT,
+        "a NATS backplane",
+        NatsBackplane::connect(url),
+    )
+    .await?
+    .map_err(|e| format!("NATS backplane at {url}: {e}"))?;
+    FusionCache::builder()
+        .name(name)
+        .default_entry_options(entry_options())
+        .backplane(backplane)
+        .build()
+        .map_err(|e| format!("cannot build cache {name}: {e}").into())
+}
+
+/// Raw async-nats: publish on one client, receipt on another client's subscriber.
+struct RawNatsLatency {
+    publisher: async_nats::Client,
+    subscriber: async_nats::Subscriber,
+    subject: Subject,
+    payload: Bytes,
+}
+
+impl Probe for RawNatsLatency {
+    async fn once(&mut self) -> Res<Duration> {
+        let Self {
+            publisher,
+            subscriber,
+            subject,
+            payload,
+        } = self;
+        let (subject, payload) = (subject.clone(), payload.clone());
+        let t0 = Instant::now();
+        let (published, (received, at)) = within(STEP_TIMEOUT, "a raw NATS message", async {
+            tokio::join!(publisher.publish(subject, payload), async {
+                (subscriber.next().await.is_some(), Instant::now())
+            })
+        })
+        .await?;
+        published.map_err(|e| format!("raw NATS publish: {e}"))?;
+        if !received {
+            return Err("raw NATS subscription ended".into());
+        }
+        Ok(at - t0)
+    }
+}
+
+async fn nats_publish_all(
+    client: &async_nats::Client,
+    subject: &Subject,
+    payloads: &[Bytes],
+    consumed: impl Fn() -> u64,
+) -> Res<()> {
+    for (i, chunk) in payloads.chunks(PIPELINE).enumerate() {
+        if !wait_for_window((i * PIPELINE) as u64, &consumed).await {
+            return Ok(()); // the consumer lost messages: the counting side reports it
+        }
+        for p in chunk {
+            client
+                .publish(subject.clone(), p.clone())
+                .await
+                .map_err(|e| format!("NATS publish: {e}"))?;
+        }
+        client
+            .flush()
+            .await
+            .map_err(|e| format!("NATS flush: {e}"))?;
+    }
+    Ok(())
+}
+
+fn nats_connections(server: &NatsServer) -> Res<u64> {
+    let (status, body) = server
+        .monitor("/connz")
+        .map_err(|e| format!("GET /connz: {e}"))?;
+    let n = body
+        .split("\"num_connections\":")
+        .nth(1)
+        .and_then(|rest| {
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+        })
+        .and_then(|d| d.parse().ok());
+    match (status, n) {
+        (200, Some(n)) => Ok(n),
+        _ => Err(format!("unexpected /connz answer (HTTP {status})").into()),
+    }
+}
+
+/// Waits until the server counts `want` client connections (a dropped subscriber is really gone).
+async fn nats_wait_connections(server: &NatsServer, want: u64) -> Res<()> {
+    let t0 = Instant::now();
+    loop {
+        let n = nats_connections(server)?;
+        if n == want {
+            return Ok(());
+        }
+        if t0.elapsed() > CONNECT_TIMEOUT {
+            return Err(format!("nats-server has {n} connections, expected {want}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn nats_bench(server: &NatsServer) -> Res<Report> {
+    let url = server.url();
+    let server_pid = server.pid().ok_or("nats-server is not running")?;
+    let mut rows = Vec::new();
+    let mut details = Vec::new();
+    let mut liveness = Liveness::default();
+    let publisher = nats_connect(&url).await?;
+    let version = publisher.server_info().version;
+
+    // 1. Propagation latency.
+    let (mut fc, mut raw) = {
+        let a = nats_node(&url, "bench").await?;
+        let b = nats_node(&url, "bench").await?;
+        ready(&a, "node A").await?;
+        ready(&b, "node B").await?;
+        wait_live(RawPublisher::Nats(&publisher), &[&a, &b], &mut liveness).await?;
+        let mut prop = Propagation::new(a, b, true).await?;
+        let sub_client = nats_connect(&url).await?;
+        let subscriber = sub_client
+            .subscribe(RAW_LATENCY_CHANNEL)
+            .await
+            .map_err(|e| format!("NATS subscribe: {e}"))?;
+        sub_client
+            .flush()
+            .await
+            .map_err(|e| format!("NATS flush: {e}"))?;
+        let mut base = RawNatsLatency {
+            publisher: publisher.clone(),
+            subscriber,
+            subject: Subject::from(RAW_LATENCY_CHANNEL),
+            payload: sample_payload(),
+        };
+        details.push(format!(
+            "propagation: {ITERATIONS} iterations per side after {WARMUP} of warm-up, blocks of {BLOCK} \
+             alternating; fusioncache = A.set returned -> B.peek no longer the old value (no L2: B's entry \
+             goes stale, and B sets the new value locally, without notification, between iterations; \
+             separate NATS connections); raw = async-nats publish ({} bytes) -> subscriber.next() on \
+             another connection",
+            base.payload.len()
+        ));
+        let samples = interleaved(&mut prop, &mut base).await?;
+        drop(sub_client);
+        samples
+    };
+    rows.extend(latency_rows(
+        "propagation",
+        &mut fc,
+        &mut raw,
+        None,
+        Some(Goal::AtMost(2.0)),
+    ));
+
+    // 2. Notifications applied per second.
+    let tp_name = "benchtp";
+    let subject = Subject::from(channel_name(None, Some(tp_name)));
+    let payloads = removal_payloads(THROUGHPUT_MESSAGES);
+    // The propagation nodes and the raw subscriber are gone: only the publisher stays connected.
+    nats_wait_connections(server, 1).await?;
+    let (mut fc_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    let (mut fc_cpu, mut raw_cpu) = (CpuUse::default(), CpuUse::default());
+    for round in 0..=ROUNDS {
+        // Round 0 warms both sides up and is discarded.
+        let keep = round > 0;
+        // (a) raw: a subscriber on its own connection counts the messages.
+        nats_wait_connections(server, 1).await?;
+        let client = nats_connect(&url).await?;
+        let mut subscriber = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| format!("NATS subscribe: {e}"))?;
+        client
+            .flush()
+            .await
+            .map_err(|e| format!("NATS flush: {e}"))?;
+        let counted = Cell::new(0u64);
+        let cpu = CpuUse::start(server_pid);
+        let t0 = Instant::now();
+        let (published, (count, done)) = within(ROUND_TIMEOUT, "raw NATS throughput", async {
+            tokio::join!(
+                nats_publish_all(&publisher, &subject, &payloads, || counted.get()),
+                async {
+                    let mut n = 0;
+                    while n < THROUGHPUT_MESSAGES
+                        && matches!(
+                            tokio::time::timeout(STALL, subscriber.next()).await,
+                            Ok(Some(_))
+                        )
+                    {
+                        n += 1;
+                        counted.set(n as u64);
+                    }
+                    (n, Instant::now())
+                }
+            )
+        })
+        .await?;
+        published?;
+        if count != THROUGHPUT_MESSAGES {
+            return Err(format!(
+                "raw NATS: {count} of {THROUGHPUT_MESSAGES} messages received (subscription ended or \
+                 nothing for {STALL:?}): the baseline lost messages"
+            )
+            .into());
+        }
+        if keep {
+            raw_rates.push(rate(t0, done));
+            raw_cpu.add(server_pid, cpu);
+        }
+        drop(subscriber);
+        drop(client);
+
+        // (b) fusioncache: a node on its own connection counts what it applied.
+        nats_wait_connections(server, 1).await?;
+        let node = nats_node(&url, tp_name).await?;
+        ready(&node, "throughput node").await?;
+        wait_live(RawPublisher::Nats(&publisher), &[&node], &mut liveness).await?;
+        let base = node.stats().backplane_received;
+        let cpu = CpuUse::start(server_pid);
+        let t0 = Instant::now();
+        let (published, (applied, done)) = within(ROUND_TIMEOUT, "fusioncache throughput", async {
+            tokio::join!(
+                nats_publish_all(&publisher, &subject, &payloads, || {
+                    node.stats().backplane_received - base
+                }),
+                count_applied(&node, base)
+            )
+        })
+        .await?;
+        published?;
+        check_applied(&node)?;
+        if keep {
+            fc_rates.push(fc_outcome(&node, applied, t0, done));
+            fc_cpu.add(server_pid, cpu);
+        }
+        drop(node);
+    }
+    let (row, more) = throughput_row("notifications applied", &fc_rates, &raw_rates);
+    rows.push(row);
+    details.extend(more);
+    details.push(cpu_detail(&raw_cpu, &fc_cpu));
+    details.push(format!(
+        "throughput: valid Remove messages on distinct keys from a foreign source id, published from a raw \
+         async-nats client with a flush every {PIPELINE}, at most {WINDOW} published and not yet counted; \
+         fusioncache counts via stats().backplane_received (polled every ~1 ms), raw counts \
+         subscriber.next() on its own connection"
+    ));
+
+    Ok(Report {
+        server: format!(
+            "nats-server {version} at {url} (pid {})",
+            server.pid().unwrap_or(0)
+        ),
+        rows,
+        notes: liveness.note().into_iter().collect(),
+        details,
+    })
+}
