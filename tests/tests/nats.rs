@@ -337,3 +337,34 @@ async fn connects_over_tls_with_a_custom_ca() {
     drop(server);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_means_the_subscription_already_receives() {
+    let server = NatsServer::start().unwrap();
+    let publisher = NatsBackplane::connect(&server.url()).await.unwrap();
+    for round in 0..10 {
+        let node = FusionCache::<String>::builder()
+            .name("ready")
+            .backplane(NatsBackplane::connect(&server.url()).await.unwrap())
+            .build()
+            .unwrap();
+        connected(&[&node]).await;
+        node.set_with("k", s("v"), &local()).await.unwrap();
+        // Published the moment the node says it is connected: it must arrive.
+        let msg = fusioncache::backplane::BackplaneMessage::new(
+            "other-node",
+            fusioncache::backplane::now_ticks(),
+            fusioncache::backplane::Action::Remove,
+            "k",
+        );
+        publisher
+            .client()
+            .publish(node.channel().to_string(), msg.encode())
+            .await
+            .unwrap();
+        assert!(
+            eventually(|| node.peek("k").is_none()).await,
+            "round {round}: the notification was lost"
+        );
+    }
+}

@@ -101,7 +101,7 @@ impl Backplane for MemoryBackplane {
             }
             self.inner
                 .subscriptions
-                .send(Some(channel), BackplaneEvent::Message(payload))
+                .send_to(channel, BackplaneEvent::Message(payload))
                 .await;
             Ok(())
         })

@@ -23,9 +23,9 @@
 //! # let _ = cache; Ok(()) }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -92,6 +92,10 @@ pub struct NatsOptions {
     pub name: Option<String>,
     /// The longest a connection attempt may take (default 2 s).
     pub connection_timeout: Duration,
+    /// Asks the server not to send this connection's own messages back (saves receiving and ignoring
+    /// them). Only for a connection used by one cache node: caches of one process that share it would not
+    /// hear each other.
+    pub no_echo: bool,
 }
 
 impl NatsOptions {
@@ -108,6 +112,7 @@ impl NatsOptions {
             client_certificate: None,
             name: None,
             connection_timeout: Duration::from_secs(2),
+            no_echo: false,
         }
     }
 
@@ -155,6 +160,13 @@ impl NatsOptions {
     #[must_use]
     pub fn client_certificate(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.client_certificate = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// See [`NatsOptions::no_echo`].
+    #[must_use]
+    pub fn no_echo(mut self, enabled: bool) -> Self {
+        self.no_echo = enabled;
         self
     }
 
@@ -229,6 +241,9 @@ impl NatsOptions {
         if let Some(name) = &self.name {
             o = o.name(name);
         }
+        if self.no_echo {
+            o = o.no_echo();
+        }
         Ok(o.connection_timeout(self.connection_timeout)
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((50u64 << attempts.min(6)).min(2_000))
@@ -243,6 +258,8 @@ pub struct NatsBackplane {
     subscriptions: Fanout,
     /// The task forwarding the messages of each subscribed subject.
     forwarders: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// The subjects whose subscription has reached the server: only they hear `Connected`.
+    ready: Ready,
     events_task: tokio::task::AbortHandle,
 }
 
@@ -278,9 +295,11 @@ impl NatsBackplane {
             .await
             .map_err(|e| BackplaneError::Transport(e.to_string()))?;
         let subscriptions = Fanout::default();
+        let ready = Ready::default();
         let events_task = tokio::spawn(forward_connection_events(
             client.clone(),
             subscriptions.clone(),
+            ready.clone(),
             events_rx,
         ))
         .abort_handle();
@@ -288,6 +307,7 @@ impl NatsBackplane {
             client,
             subscriptions,
             forwarders: Mutex::default(),
+            ready,
             events_task,
         })
     }
@@ -308,9 +328,27 @@ impl Drop for NatsBackplane {
     }
 }
 
+type Ready = Arc<Mutex<HashSet<String>>>;
+
+/// Tells the subscriptions of every subject that reached the server that they are live.
+async fn greet_ready(subscriptions: &Fanout, ready: &Ready) {
+    let subjects: Vec<String> = ready
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    for subject in subjects {
+        subscriptions
+            .send_to(&subject, BackplaneEvent::Connected)
+            .await;
+    }
+}
+
 async fn forward_connection_events(
     client: Client,
     subscriptions: Fanout,
+    ready: Ready,
     mut events: mpsc::UnboundedReceiver<Event>,
 ) {
     while let Some(event) = events.recv().await {
@@ -319,18 +357,15 @@ async fn forward_connection_events(
                 // Make sure the re-sent subscriptions reached the server before saying so.
                 if client.flush().await.is_ok() {
                     tracing::info!("nats backplane connected");
-                    subscriptions.send(None, BackplaneEvent::Connected).await;
+                    greet_ready(&subscriptions, &ready).await;
                 }
             }
             Event::Disconnected | Event::Closed => {
                 tracing::warn!(%event, "nats backplane disconnected");
                 subscriptions
-                    .send(
-                        None,
-                        BackplaneEvent::Disconnected {
-                            reason: event.to_string(),
-                        },
-                    )
+                    .send_all(BackplaneEvent::Disconnected {
+                        reason: event.to_string(),
+                    })
                     .await;
             }
             Event::SlowConsumer(sid) => {
@@ -340,14 +375,11 @@ async fn forward_connection_events(
                     "nats slow consumer: notifications dropped; marking L1 stale"
                 );
                 subscriptions
-                    .send(
-                        None,
-                        BackplaneEvent::Disconnected {
-                            reason: event.to_string(),
-                        },
-                    )
+                    .send_all(BackplaneEvent::Disconnected {
+                        reason: event.to_string(),
+                    })
                     .await;
-                subscriptions.send(None, BackplaneEvent::Connected).await;
+                greet_ready(&subscriptions, &ready).await;
             }
             other => tracing::info!(event = %other, "nats connection event"),
         }
@@ -355,7 +387,7 @@ async fn forward_connection_events(
 }
 
 /// Subscribes (retrying until the connection allows it) and forwards every message to the channel's senders.
-async fn forward_messages(client: Client, subscriptions: Fanout, subject: String) {
+async fn forward_messages(client: Client, subscriptions: Fanout, ready: Ready, subject: String) {
     let mut delay = Duration::from_millis(50);
     let mut subscriber = loop {
         match client.subscribe(subject.clone()).await {
@@ -367,14 +399,24 @@ async fn forward_messages(client: Client, subscriptions: Fanout, subject: String
             }
         }
     };
-    if client.flush().await.is_ok() && client.connection_state() == State::Connected {
+    // Once the SUB has reached the server (flush), the subject is live; from then on every (re)connection
+    // greets it. async-nats re-sends the subscription by itself after a reconnection.
+    while client.flush().await.is_err() {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+    ready
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(subject.clone());
+    if client.connection_state() == State::Connected {
         subscriptions
-            .send(Some(&subject), BackplaneEvent::Connected)
+            .send_to(&subject, BackplaneEvent::Connected)
             .await;
     }
     while let Some(message) = subscriber.next().await {
         subscriptions
-            .send(Some(&subject), BackplaneEvent::Message(message.payload))
+            .send_to(&subject, BackplaneEvent::Message(message.payload))
             .await;
     }
 }
@@ -389,14 +431,21 @@ impl Backplane for NatsBackplane {
         let (subscription, tx) = self.subscriptions.add(channel);
         let mut forwarders = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
         if forwarders.contains_key(channel) {
-            // Already subscribed: the new subscription is live now if the connection is.
-            if self.client.connection_state() == State::Connected {
+            // Already subscribed: the new subscription is live now if the subject is and the connection is
+            // (otherwise the forwarder or the next connection greets it).
+            let ready = self
+                .ready
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(channel);
+            if ready && self.client.connection_state() == State::Connected {
                 let _ = tx.try_send(BackplaneEvent::Connected);
             }
         } else {
             let task = tokio::spawn(forward_messages(
                 self.client.clone(),
                 self.subscriptions.clone(),
+                self.ready.clone(),
                 channel.to_string(),
             ));
             forwarders.insert(channel.to_string(), task.abort_handle());

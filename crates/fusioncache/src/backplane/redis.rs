@@ -191,7 +191,7 @@ async fn run_pubsub(
         was_connected = true;
         for channel in &channels {
             subscriptions
-                .send(Some(channel), BackplaneEvent::Connected)
+                .send_to(channel, BackplaneEvent::Connected)
                 .await;
         }
         let mut subscribed = channels;
@@ -203,7 +203,7 @@ async fn run_pubsub(
                 msg = stream.next() => match msg {
                     Some(msg) => {
                         let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
-                        subscriptions.send(Some(msg.get_channel_name()), BackplaneEvent::Message(payload)).await;
+                        subscriptions.send_to(msg.get_channel_name(), BackplaneEvent::Message(payload)).await;
                     }
                     None => break "connection closed".to_string(),
                 },
@@ -211,12 +211,12 @@ async fn run_pubsub(
                     None => return,
                     Some(channel) => {
                         if subscribed.contains(&channel) {
-                            subscriptions.send(Some(&channel), BackplaneEvent::Connected).await;
+                            subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
                             continue;
                         }
                         match sink.subscribe(&channel).await {
                             Ok(()) => {
-                                subscriptions.send(Some(&channel), BackplaneEvent::Connected).await;
+                                subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
                                 subscribed.push(channel);
                             }
                             Err(e) => break e.to_string(),
@@ -235,7 +235,7 @@ async fn run_pubsub(
         };
         tracing::warn!(endpoint = connection.endpoint(), %reason, "redis pub/sub disconnected; reconnecting");
         subscriptions
-            .send(None, BackplaneEvent::Disconnected { reason })
+            .send_all(BackplaneEvent::Disconnected { reason })
             .await;
     }
 }
