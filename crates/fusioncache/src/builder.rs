@@ -135,7 +135,7 @@ where
         self
     }
 
-    /// How long L2 is skipped after an error (default zero: never skipped).
+    /// How long L2 is skipped after an error (default 1 s; zero: never skipped).
     pub fn l2_circuit_breaker_duration(mut self, duration: Duration) -> Self {
         self.options.l2_circuit_breaker_duration = duration;
         self

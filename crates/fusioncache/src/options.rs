@@ -221,8 +221,9 @@ pub struct CacheOptions {
     /// How long the backplane circuit breaker stays open after a failed publish: publishes are queued
     /// without trying the transport meanwhile.
     pub backplane_circuit_breaker_duration: Duration,
-    /// How long the distributed-cache circuit breaker stays open after an L2 error: L2 is skipped meanwhile.
-    /// Zero disables it.
+    /// How long the distributed-cache circuit breaker stays open after an L2 error: L2 is skipped meanwhile
+    /// (reads fall back to L1 and fail-safe values), so a dead server is not hammered. Zero disables it. A
+    /// backplane reconnection closes it.
     pub l2_circuit_breaker_duration: Duration,
     /// The most L1 refreshes from L2 (after remote `set` notifications) running at once.
     pub max_concurrent_refreshes: usize,
@@ -240,7 +241,7 @@ impl Default for CacheOptions {
             disconnected_l1_max_age: Duration::ZERO,
             auto_recovery_max_items: 10_000,
             backplane_circuit_breaker_duration: Duration::from_secs(1),
-            l2_circuit_breaker_duration: Duration::ZERO,
+            l2_circuit_breaker_duration: Duration::from_secs(1),
             max_concurrent_refreshes: 64,
         }
     }

@@ -54,6 +54,10 @@ where
                     }
                 }
                 inner.backplane_down.store(false, Ordering::Release);
+                if let Some(l2) = &inner.l2 {
+                    // The connection is back: try L2 again at once rather than serve fail-safe values.
+                    l2.breaker.reset();
+                }
                 tracing::info!(cache = %inner.options.name, channel = %inner.channel, reconnected, "backplane connected");
                 inner
                     .telemetry

@@ -549,3 +549,30 @@ async fn dropping_a_cache_stops_its_receiver() {
     }
     assert!(eventually(|| bus.subscriber_count(&channel) == 0).await);
 }
+
+#[tokio::test]
+async fn a_failing_l2_is_not_hammered_and_a_reconnection_retries_it() {
+    let c = cluster(1, true, EntryOptions::new()).await;
+    let node = &c.nodes[0];
+    let l2 = c.l2.as_ref().unwrap();
+    l2.set_unavailable(true);
+    for _ in 0..3 {
+        assert_eq!(node.get("k").await, None);
+    }
+    assert_eq!(
+        node.stats().l2_errors,
+        1,
+        "the circuit breaker skipped L2 after the first error"
+    );
+    l2.set_unavailable(false);
+    c.bus.disconnect();
+    c.bus.reconnect();
+    assert!(eventually(|| node.stats().backplane_reconnects == 1).await);
+    node.set("k", s("v")).await.unwrap();
+    assert_eq!(
+        node.stats().l2_errors,
+        1,
+        "the reconnection closed the breaker: L2 written at once"
+    );
+    assert_eq!(l2.len(), 1);
+}

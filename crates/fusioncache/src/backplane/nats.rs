@@ -92,10 +92,6 @@ pub struct NatsOptions {
     pub name: Option<String>,
     /// The longest a connection attempt may take (default 2 s).
     pub connection_timeout: Duration,
-    /// Asks the server not to send this connection's own messages back (saves receiving and ignoring
-    /// them). Only for a connection used by one cache node: caches of one process that share it would not
-    /// hear each other.
-    pub no_echo: bool,
 }
 
 impl NatsOptions {
@@ -112,7 +108,6 @@ impl NatsOptions {
             client_certificate: None,
             name: None,
             connection_timeout: Duration::from_secs(2),
-            no_echo: false,
         }
     }
 
@@ -160,13 +155,6 @@ impl NatsOptions {
     #[must_use]
     pub fn client_certificate(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.client_certificate = Some((cert.into(), key.into()));
-        self
-    }
-
-    /// See [`NatsOptions::no_echo`].
-    #[must_use]
-    pub fn no_echo(mut self, enabled: bool) -> Self {
-        self.no_echo = enabled;
         self
     }
 
@@ -240,9 +228,6 @@ impl NatsOptions {
         }
         if let Some(name) = &self.name {
             o = o.name(name);
-        }
-        if self.no_echo {
-            o = o.no_echo();
         }
         Ok(o.connection_timeout(self.connection_timeout)
             .reconnect_delay_callback(|attempts| {
@@ -330,6 +315,23 @@ impl Drop for NatsBackplane {
 
 type Ready = Arc<Mutex<HashSet<String>>>;
 
+/// Proves that the server has processed every subscription this connection sent before: the server
+/// handles a connection's commands in order, so a message published to a fresh inbox of ours, after them,
+/// comes back only once they are all in place (`flush` only proves the bytes left the client).
+async fn confirm_subscriptions(client: &Client, timeout: Duration) -> bool {
+    let inbox = client.new_inbox();
+    let Ok(mut probe) = client.subscribe(inbox.clone()).await else {
+        return false;
+    };
+    if client.publish(inbox, Bytes::new()).await.is_err() || client.flush().await.is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(timeout, probe.next()).await,
+        Ok(Some(_))
+    )
+}
+
 /// Tells the subscriptions of every subject that reached the server that they are live.
 async fn greet_ready(subscriptions: &Fanout, ready: &Ready) {
     let subjects: Vec<String> = ready
@@ -354,11 +356,22 @@ async fn forward_connection_events(
     while let Some(event) = events.recv().await {
         match event {
             Event::Connected => {
-                // Make sure the re-sent subscriptions reached the server before saying so.
-                if client.flush().await.is_ok() {
-                    tracing::info!("nats backplane connected");
-                    greet_ready(&subscriptions, &ready).await;
+                // async-nats re-sends the subscriptions: make sure they are in place before saying so.
+                let mut confirmed = false;
+                for attempt in 0..5u32 {
+                    if confirm_subscriptions(&client, Duration::from_secs(2)).await {
+                        confirmed = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
+                if !confirmed {
+                    tracing::warn!(
+                        "nats subscriptions not confirmed after a reconnection; resuming anyway"
+                    );
+                }
+                tracing::info!("nats backplane connected");
+                greet_ready(&subscriptions, &ready).await;
             }
             Event::Disconnected | Event::Closed => {
                 tracing::warn!(%event, "nats backplane disconnected");
@@ -399,9 +412,9 @@ async fn forward_messages(client: Client, subscriptions: Fanout, ready: Ready, s
             }
         }
     };
-    // Once the SUB has reached the server (flush), the subject is live; from then on every (re)connection
-    // greets it. async-nats re-sends the subscription by itself after a reconnection.
-    while client.flush().await.is_err() {
+    // Once the server has the SUB, the subject is live; from then on every (re)connection greets it.
+    // async-nats re-sends the subscription by itself after a reconnection.
+    while !confirm_subscriptions(&client, Duration::from_secs(2)).await {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
     }
