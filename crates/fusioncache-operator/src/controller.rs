@@ -115,9 +115,7 @@ pub fn backoff(failures: u32) -> Duration {
 pub async fn reconcile(fc: Arc<FusionCache>, ctx: Arc<Context>) -> Result<Action> {
     let _measure = ctx.metrics.reconcile.count_and_measure();
     let key = object_key(&fc);
-    let namespace = fc
-        .namespace()
-        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let namespace = fc.namespace_required()?;
     let api: Api<FusionCache> = Api::namespaced(ctx.client.clone(), &namespace);
     debug!(resource = %key, "reconciling");
     let action = finalizer(&api, FINALIZER, fc, |event| async {
@@ -155,14 +153,8 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
 }
 
 async fn apply(fc: &FusionCache, ctx: &Context) -> Result<Action> {
-    let namespace = fc
-        .namespace()
-        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
-    let name = fc
-        .metadata
-        .name
-        .clone()
-        .ok_or(Error::MissingObjectKey("metadata.name"))?;
+    let namespace = fc.namespace_required()?;
+    let name = fc.name_required()?;
     let all = Api::<FusionCache>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await
@@ -292,9 +284,7 @@ async fn write_status(fc: &FusionCache, ctx: &Context, status: &FusionCacheStatu
     if &previous == status {
         return Ok(());
     }
-    let namespace = fc
-        .namespace()
-        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let namespace = fc.namespace_required()?;
     let api: Api<FusionCache> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = serde_json::json!({
         "apiVersion": API_VERSION,

@@ -420,6 +420,22 @@ pub struct FusionCacheStatus {
     pub conditions: Vec<Condition>,
 }
 
+impl FusionCache {
+    /// The namespace; an error only for an object the apiserver would never send.
+    pub fn namespace_required(&self) -> crate::Result<String> {
+        kube::ResourceExt::namespace(self)
+            .ok_or(crate::Error::MissingObjectKey("metadata.namespace"))
+    }
+
+    /// The name; an error only for an object the apiserver would never send.
+    pub fn name_required(&self) -> crate::Result<String> {
+        self.metadata
+            .name
+            .clone()
+            .ok_or(crate::Error::MissingObjectKey("metadata.name"))
+    }
+}
+
 impl FusionCacheStatus {
     /// The condition of the given type, if present.
     pub fn condition(&self, type_: &str) -> Option<&Condition> {

@@ -22,7 +22,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
-use kube::ResourceExt;
 
 use crate::acl::{username_for, AclUser};
 use crate::allocation::{default_channel_prefix, AllocationError, Allocator, DatabaseChoice};
@@ -227,14 +226,8 @@ impl RedisTarget<'_> {
 /// write is a [`Plan::Reject`] at worst.
 pub fn plan(inputs: &Inputs<'_>) -> Result<Plan> {
     let fc = inputs.resource;
-    let namespace = fc
-        .namespace()
-        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
-    let name = fc
-        .metadata
-        .name
-        .clone()
-        .ok_or(Error::MissingObjectKey("metadata.name"))?;
+    let namespace = fc.namespace_required()?;
+    let name = fc.name_required()?;
     let uid = fc
         .metadata
         .uid
