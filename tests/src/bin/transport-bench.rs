@@ -869,35 +869,6 @@ async fn set_rows(url: &str, spaced: bool) -> Res<Vec<Row>> {
     Ok(rows)
 }
 
-async fn redis_numsub(conn: &mut redis::aio::MultiplexedConnection, channel: &str) -> Res<i64> {
-    let (_, n): (String, i64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
-        .query_async(conn)
-        .await
-        .map_err(|e| format!("PUBSUB NUMSUB: {e}"))?;
-    Ok(n)
-}
-
-/// Waits until `channel` has exactly `want` subscribers.
-async fn redis_wait_subscribers(
-    conn: &mut redis::aio::MultiplexedConnection,
-    channel: &str,
-    want: i64,
-) -> Res<()> {
-    let t0 = Instant::now();
-    loop {
-        let n = redis_numsub(conn, channel).await?;
-        if n == want {
-            return Ok(());
-        }
-        if t0.elapsed() > CONNECT_TIMEOUT {
-            return Err(format!("{channel} has {n} subscribers, expected {want}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 async fn redis_publish_all(
     conn: &mut redis::aio::MultiplexedConnection,
     channel: &str,
@@ -941,6 +912,263 @@ fn rate(t0: Instant, done: Instant) -> f64 {
     THROUGHPUT_MESSAGES as f64 / (done - t0).as_secs_f64()
 }
 
+/// The cache name of the throughput nodes (it names their channel).
+const THROUGHPUT_NODE: &str = "benchtp";
+
+/// What the throughput rounds need of a transport.
+trait Bus {
+    /// Names the raw side in errors.
+    const RAW: &'static str;
+    /// What ends the raw side's message stream, in errors.
+    const RAW_ENDED: &'static str;
+    /// What the server counts when no side of a round is connected (subscribers or connections).
+    const IDLE: u64;
+    /// What it counts once one side subscribed; `None`: not waited for.
+    const SUBSCRIBED: Option<u64>;
+    /// Propagation without L2: B's entry only goes stale, and B sets the new value locally.
+    const REFILL_LOCALLY: bool;
+    /// The raw side's subscription.
+    type Sub: futures_util::Stream + Unpin;
+    /// The raw propagation baseline.
+    type RawLatency: Probe;
+
+    /// What the server counts now (see `IDLE`).
+    async fn count(&mut self) -> Res<u64>;
+    /// The error when the count is still not `want` after `CONNECT_TIMEOUT`.
+    fn count_mismatch(&self, n: u64, want: u64) -> String;
+    /// Subscribes a raw client on the throughput channel.
+    async fn raw_subscribe(&mut self) -> Res<Self::Sub>;
+    /// A fusioncache node named `name`.
+    async fn node(&self, name: &str) -> Res<FusionCache<String>>;
+    /// The raw propagation baseline, subscribed on `RAW_LATENCY_CHANNEL`.
+    async fn raw_latency(&mut self) -> Res<Self::RawLatency>;
+    /// The detail line of the propagation measure, from fusioncache's setup on.
+    fn propagation_detail(raw: &Self::RawLatency) -> String;
+    fn publisher(&mut self) -> RawPublisher<'_>;
+    /// Publishes `payloads` on the throughput channel, in batches of `PIPELINE`, at most `WINDOW` ahead of
+    /// `consumed`.
+    async fn publish_all(&mut self, payloads: &[Bytes], consumed: impl Fn() -> u64) -> Res<()>;
+}
+
+/// Waits until the server counts `want` (a dropped subscriber is really gone).
+async fn wait_count(bus: &mut impl Bus, want: u64) -> Res<()> {
+    let t0 = Instant::now();
+    loop {
+        let n = bus.count().await?;
+        if n == want {
+            return Ok(());
+        }
+        if t0.elapsed() > CONNECT_TIMEOUT {
+            return Err(bus.count_mismatch(n, want).into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Propagation latency: fusioncache (node A sets, node B sees) against the raw baseline; pushes the rows
+/// and the detail.
+async fn propagation<B: Bus>(
+    bus: &mut B,
+    liveness: &mut Liveness,
+    rows: &mut Vec<Row>,
+    details: &mut Vec<String>,
+) -> Res<()> {
+    let (mut fc, mut raw) = {
+        let a = bus.node("bench").await?;
+        let b = bus.node("bench").await?;
+        ready(&a, "node A").await?;
+        ready(&b, "node B").await?;
+        wait_live(bus.publisher(), &[&a, &b], liveness).await?;
+        let mut prop = Propagation::new(a, b, B::REFILL_LOCALLY).await?;
+        let mut base = bus.raw_latency().await?;
+        details.push(format!(
+            "propagation: {ITERATIONS} iterations per side after {WARMUP} of warm-up, blocks of {BLOCK} \
+             alternating; fusioncache = A.set returned -> B.peek no longer the old value ({}",
+            B::propagation_detail(&base)
+        ));
+        interleaved(&mut prop, &mut base).await?
+    };
+    rows.extend(latency_rows(
+        "propagation",
+        &mut fc,
+        &mut raw,
+        None,
+        Some(Goal::AtMost(2.0)),
+    ));
+    Ok(())
+}
+
+/// Notifications applied per second: `ROUNDS` rounds (after a discarded warm-up round), each timing the
+/// raw side then fusioncache; pushes the row and its details.
+async fn throughput_rounds<B: Bus>(
+    bus: &mut B,
+    server_pid: u32,
+    payloads: &[Bytes],
+    liveness: &mut Liveness,
+    rows: &mut Vec<Row>,
+    details: &mut Vec<String>,
+) -> Res<()> {
+    let (mut fc_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    let (mut fc_cpu, mut raw_cpu) = (CpuUse::default(), CpuUse::default());
+    for round in 0..=ROUNDS {
+        // Round 0 warms both sides up and is discarded.
+        let keep = round > 0;
+        // (a) raw: a subscriber on its own connection counts the messages.
+        wait_count(bus, B::IDLE).await?;
+        let mut sub = bus.raw_subscribe().await?;
+        if let Some(want) = B::SUBSCRIBED {
+            wait_count(bus, want).await?;
+        }
+        let what = format!("{} throughput", B::RAW);
+        let counted = Cell::new(0u64);
+        let cpu = CpuUse::start(server_pid);
+        let t0 = Instant::now();
+        let (published, (count, done)) = within(ROUND_TIMEOUT, &what, async {
+            tokio::join!(bus.publish_all(payloads, || counted.get()), async {
+                let mut n = 0;
+                while n < THROUGHPUT_MESSAGES
+                    && matches!(tokio::time::timeout(STALL, sub.next()).await, Ok(Some(_)))
+                {
+                    n += 1;
+                    counted.set(n as u64);
+                }
+                (n, Instant::now())
+            })
+        })
+        .await?;
+        published?;
+        if count != THROUGHPUT_MESSAGES {
+            return Err(format!(
+                "{}: {count} of {THROUGHPUT_MESSAGES} messages received ({} ended or nothing for \
+                 {STALL:?}): the baseline lost messages",
+                B::RAW,
+                B::RAW_ENDED
+            )
+            .into());
+        }
+        if keep {
+            raw_rates.push(rate(t0, done));
+            raw_cpu.add(server_pid, cpu);
+        }
+        drop(sub);
+
+        // (b) fusioncache: a node on its own connection counts what it applied.
+        wait_count(bus, B::IDLE).await?;
+        let node = bus.node(THROUGHPUT_NODE).await?;
+        ready(&node, "throughput node").await?;
+        if let Some(want) = B::SUBSCRIBED {
+            wait_count(bus, want).await?;
+        }
+        wait_live(bus.publisher(), &[&node], liveness).await?;
+        let base = node.stats().backplane_received;
+        let cpu = CpuUse::start(server_pid);
+        let t0 = Instant::now();
+        let (published, (applied, done)) = within(ROUND_TIMEOUT, "fusioncache throughput", async {
+            tokio::join!(
+                bus.publish_all(payloads, || node.stats().backplane_received - base),
+                count_applied(&node, base)
+            )
+        })
+        .await?;
+        published?;
+        check_applied(&node)?;
+        if keep {
+            fc_rates.push(fc_outcome(&node, applied, t0, done));
+            fc_cpu.add(server_pid, cpu);
+        }
+        drop(node);
+    }
+    let (row, more) = throughput_row("notifications applied", &fc_rates, &raw_rates);
+    rows.push(row);
+    details.extend(more);
+    details.push(cpu_detail(&raw_cpu, &fc_cpu));
+    Ok(())
+}
+
+/// Redis: subscribers are counted with PUBSUB NUMSUB on the throughput channel.
+struct RedisBus<'a> {
+    publisher: &'a mut redis::aio::MultiplexedConnection,
+    client: &'a redis::Client,
+    url: &'a str,
+    channel: String,
+}
+
+impl Bus for RedisBus<'_> {
+    const RAW: &'static str = "raw pub/sub";
+    const RAW_ENDED: &'static str = "stream";
+    const IDLE: u64 = 0;
+    const SUBSCRIBED: Option<u64> = Some(1);
+    const REFILL_LOCALLY: bool = false;
+    type Sub = redis::aio::PubSubStream;
+    type RawLatency = RawRedisLatency;
+
+    async fn count(&mut self) -> Res<u64> {
+        let (_, n): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&self.channel)
+            .query_async(&mut *self.publisher)
+            .await
+            .map_err(|e| format!("PUBSUB NUMSUB: {e}"))?;
+        Ok(n)
+    }
+
+    fn count_mismatch(&self, n: u64, want: u64) -> String {
+        format!("{} has {n} subscribers, expected {want}", self.channel)
+    }
+
+    async fn raw_subscribe(&mut self) -> Res<Self::Sub> {
+        let client = self.client;
+        let mut pubsub = within(CONNECT_TIMEOUT, "a redis pub/sub connection", async {
+            client.get_async_pubsub().await
+        })
+        .await?
+        .map_err(|e| format!("redis pub/sub connection: {e}"))?;
+        pubsub
+            .subscribe(&self.channel)
+            .await
+            .map_err(|e| format!("SUBSCRIBE: {e}"))?;
+        Ok(pubsub.into_on_message())
+    }
+
+    async fn node(&self, name: &str) -> Res<FusionCache<String>> {
+        redis_node(self.url, name, true)
+    }
+
+    async fn raw_latency(&mut self) -> Res<Self::RawLatency> {
+        let client = self.client;
+        let mut pubsub = within(CONNECT_TIMEOUT, "a redis pub/sub connection", async {
+            client.get_async_pubsub().await
+        })
+        .await?
+        .map_err(|e| format!("redis pub/sub connection: {e}"))?;
+        pubsub
+            .subscribe(RAW_LATENCY_CHANNEL)
+            .await
+            .map_err(|e| format!("SUBSCRIBE: {e}"))?;
+        Ok(RawRedisLatency {
+            conn: self.publisher.clone(),
+            stream: pubsub.into_on_message(),
+            payload: sample_payload(),
+        })
+    }
+
+    fn propagation_detail(raw: &Self::RawLatency) -> String {
+        format!(
+            "L2 + RedisBackplane, separate connections); raw = redis-rs PUBLISH ({} bytes) on a \
+             MultiplexedConnection -> receipt on a PubSub stream",
+            raw.payload.len()
+        )
+    }
+
+    fn publisher(&mut self) -> RawPublisher<'_> {
+        RawPublisher::Redis(self.publisher)
+    }
+
+    async fn publish_all(&mut self, payloads: &[Bytes], consumed: impl Fn() -> u64) -> Res<()> {
+        redis_publish_all(self.publisher, &self.channel, payloads, consumed).await
+    }
+}
+
 async fn redis_bench(server: &RedisServer) -> Res<Report> {
     let url = server.url();
     let client =
@@ -968,138 +1196,27 @@ async fn redis_bench(server: &RedisServer) -> Res<Report> {
     let mut details = Vec::new();
     let mut liveness = Liveness::default();
 
-    // 1. Propagation latency.
-    let (mut fc, mut raw) = {
-        let a = redis_node(&url, "bench", true)?;
-        let b = redis_node(&url, "bench", true)?;
-        ready(&a, "node A").await?;
-        ready(&b, "node B").await?;
-        wait_live(
-            RawPublisher::Redis(&mut publisher),
-            &[&a, &b],
-            &mut liveness,
-        )
-        .await?;
-        let mut prop = Propagation::new(a, b, false).await?;
-        let mut pubsub = within(CONNECT_TIMEOUT, "a redis pub/sub connection", async {
-            client.get_async_pubsub().await
-        })
-        .await?
-        .map_err(|e| format!("redis pub/sub connection: {e}"))?;
-        pubsub
-            .subscribe(RAW_LATENCY_CHANNEL)
-            .await
-            .map_err(|e| format!("SUBSCRIBE: {e}"))?;
-        let mut base = RawRedisLatency {
-            conn: publisher.clone(),
-            stream: pubsub.into_on_message(),
-            payload: sample_payload(),
-        };
-        details.push(format!(
-            "propagation: {ITERATIONS} iterations per side after {WARMUP} of warm-up, blocks of {BLOCK} \
-             alternating; fusioncache = A.set returned -> B.peek no longer the old value (L2 + \
-             RedisBackplane, separate connections); raw = redis-rs PUBLISH ({} bytes) on a \
-             MultiplexedConnection -> receipt on a PubSub stream",
-            base.payload.len()
-        ));
-        interleaved(&mut prop, &mut base).await?
+    let mut bus = RedisBus {
+        publisher: &mut publisher,
+        client: &client,
+        url: &url,
+        channel: channel_name(None, Some(THROUGHPUT_NODE)),
     };
-    rows.extend(latency_rows(
-        "propagation",
-        &mut fc,
-        &mut raw,
-        None,
-        Some(Goal::AtMost(2.0)),
-    ));
+
+    // 1. Propagation latency.
+    propagation(&mut bus, &mut liveness, &mut rows, &mut details).await?;
 
     // 2. Notifications applied per second.
-    let tp_name = "benchtp";
-    let channel = channel_name(None, Some(tp_name));
     let payloads = removal_payloads(THROUGHPUT_MESSAGES);
-    let (mut fc_rates, mut raw_rates) = (Vec::new(), Vec::new());
-    let (mut fc_cpu, mut raw_cpu) = (CpuUse::default(), CpuUse::default());
-    for round in 0..=ROUNDS {
-        // Round 0 warms both sides up and is discarded.
-        let keep = round > 0;
-        // (a) raw: a pub/sub stream counts the messages.
-        redis_wait_subscribers(&mut publisher, &channel, 0).await?;
-        let mut pubsub = within(CONNECT_TIMEOUT, "a redis pub/sub connection", async {
-            client.get_async_pubsub().await
-        })
-        .await?
-        .map_err(|e| format!("redis pub/sub connection: {e}"))?;
-        pubsub
-            .subscribe(&channel)
-            .await
-            .map_err(|e| format!("SUBSCRIBE: {e}"))?;
-        redis_wait_subscribers(&mut publisher, &channel, 1).await?;
-        let mut stream = pubsub.into_on_message();
-        let counted = Cell::new(0u64);
-        let cpu = CpuUse::start(server_pid);
-        let t0 = Instant::now();
-        let (published, (count, done)) = within(ROUND_TIMEOUT, "raw pub/sub throughput", async {
-            tokio::join!(
-                redis_publish_all(&mut publisher, &channel, &payloads, || counted.get()),
-                async {
-                    let mut n = 0;
-                    while n < THROUGHPUT_MESSAGES
-                        && matches!(
-                            tokio::time::timeout(STALL, stream.next()).await,
-                            Ok(Some(_))
-                        )
-                    {
-                        n += 1;
-                        counted.set(n as u64);
-                    }
-                    (n, Instant::now())
-                }
-            )
-        })
-        .await?;
-        published?;
-        if count != THROUGHPUT_MESSAGES {
-            return Err(format!(
-                "raw pub/sub: {count} of {THROUGHPUT_MESSAGES} messages received (stream ended or \
-                 nothing for {STALL:?}): the baseline lost messages"
-            )
-            .into());
-        }
-        if keep {
-            raw_rates.push(rate(t0, done));
-            raw_cpu.add(server_pid, cpu);
-        }
-        drop(stream);
-
-        // (b) fusioncache: a node subscribed on its channel counts what it applied.
-        redis_wait_subscribers(&mut publisher, &channel, 0).await?;
-        let node = redis_node(&url, tp_name, true)?;
-        ready(&node, "throughput node").await?;
-        redis_wait_subscribers(&mut publisher, &channel, 1).await?;
-        wait_live(RawPublisher::Redis(&mut publisher), &[&node], &mut liveness).await?;
-        let base = node.stats().backplane_received;
-        let cpu = CpuUse::start(server_pid);
-        let t0 = Instant::now();
-        let (published, (applied, done)) = within(ROUND_TIMEOUT, "fusioncache throughput", async {
-            tokio::join!(
-                redis_publish_all(&mut publisher, &channel, &payloads, || {
-                    node.stats().backplane_received - base
-                }),
-                count_applied(&node, base)
-            )
-        })
-        .await?;
-        published?;
-        check_applied(&node)?;
-        if keep {
-            fc_rates.push(fc_outcome(&node, applied, t0, done));
-            fc_cpu.add(server_pid, cpu);
-        }
-        drop(node);
-    }
-    let (row, more) = throughput_row("notifications applied", &fc_rates, &raw_rates);
-    rows.push(row);
-    details.extend(more);
-    details.push(cpu_detail(&raw_cpu, &fc_cpu));
+    throughput_rounds(
+        &mut bus,
+        server_pid,
+        &payloads,
+        &mut liveness,
+        &mut rows,
+        &mut details,
+    )
+    .await?;
     details.push(format!(
         "throughput: valid Remove messages on distinct keys from a foreign source id, PUBLISHed from a raw \
          MultiplexedConnection in pipelines of {PIPELINE}, at most {WINDOW} published and not yet counted; \
@@ -1212,6 +1329,8 @@ struct RawNatsLatency {
     subscriber: async_nats::Subscriber,
     subject: Subject,
     payload: Bytes,
+    /// The subscriber's own connection.
+    _client: async_nats::Client,
 }
 
 impl Probe for RawNatsLatency {
@@ -1221,6 +1340,7 @@ impl Probe for RawNatsLatency {
             subscriber,
             subject,
             payload,
+            ..
         } = self;
         let (subject, payload) = (subject.clone(), payload.clone());
         let t0 = Instant::now();
@@ -1262,37 +1382,120 @@ async fn nats_publish_all(
     Ok(())
 }
 
-fn nats_connections(server: &NatsServer) -> Res<u64> {
-    let (status, body) = server
-        .monitor("/connz")
-        .map_err(|e| format!("GET /connz: {e}"))?;
-    let n = body
-        .split("\"num_connections\":")
-        .nth(1)
-        .and_then(|rest| {
-            rest.trim_start()
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-        })
-        .and_then(|d| d.parse().ok());
-    match (status, n) {
-        (200, Some(n)) => Ok(n),
-        _ => Err(format!("unexpected /connz answer (HTTP {status})").into()),
+/// A raw NATS subscription on its own connection (closed after the subscription is dropped).
+struct NatsSub {
+    subscriber: async_nats::Subscriber,
+    _client: async_nats::Client,
+}
+
+impl futures_util::Stream for NatsSub {
+    type Item = async_nats::Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.subscriber.poll_next_unpin(cx)
     }
 }
 
-/// Waits until the server counts `want` client connections (a dropped subscriber is really gone).
-async fn nats_wait_connections(server: &NatsServer, want: u64) -> Res<()> {
-    let t0 = Instant::now();
-    loop {
-        let n = nats_connections(server)?;
-        if n == want {
-            return Ok(());
+/// NATS: client connections are counted from the monitoring endpoint (/connz).
+struct NatsBus<'a> {
+    server: &'a NatsServer,
+    publisher: &'a async_nats::Client,
+    url: &'a str,
+    subject: Subject,
+}
+
+impl Bus for NatsBus<'_> {
+    const RAW: &'static str = "raw NATS";
+    const RAW_ENDED: &'static str = "subscription";
+    /// The publisher's connection.
+    const IDLE: u64 = 1;
+    const SUBSCRIBED: Option<u64> = None;
+    const REFILL_LOCALLY: bool = true;
+    type Sub = NatsSub;
+    type RawLatency = RawNatsLatency;
+
+    async fn count(&mut self) -> Res<u64> {
+        let server = self.server;
+
+        let (status, body) = server
+            .monitor("/connz")
+            .map_err(|e| format!("GET /connz: {e}"))?;
+        let n = body
+            .split("\"num_connections\":")
+            .nth(1)
+            .and_then(|rest| {
+                rest.trim_start()
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+            })
+            .and_then(|d| d.parse().ok());
+        match (status, n) {
+            (200, Some(n)) => Ok(n),
+            _ => Err(format!("unexpected /connz answer (HTTP {status})").into()),
         }
-        if t0.elapsed() > CONNECT_TIMEOUT {
-            return Err(format!("nats-server has {n} connections, expected {want}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    fn count_mismatch(&self, n: u64, want: u64) -> String {
+        format!("nats-server has {n} connections, expected {want}")
+    }
+
+    async fn raw_subscribe(&mut self) -> Res<Self::Sub> {
+        let client = nats_connect(self.url).await?;
+        let subscriber = client
+            .subscribe(self.subject.clone())
+            .await
+            .map_err(|e| format!("NATS subscribe: {e}"))?;
+        client
+            .flush()
+            .await
+            .map_err(|e| format!("NATS flush: {e}"))?;
+        Ok(NatsSub {
+            subscriber,
+            _client: client,
+        })
+    }
+
+    async fn node(&self, name: &str) -> Res<FusionCache<String>> {
+        nats_node(self.url, name).await
+    }
+
+    async fn raw_latency(&mut self) -> Res<Self::RawLatency> {
+        let sub_client = nats_connect(self.url).await?;
+        let subscriber = sub_client
+            .subscribe(RAW_LATENCY_CHANNEL)
+            .await
+            .map_err(|e| format!("NATS subscribe: {e}"))?;
+        sub_client
+            .flush()
+            .await
+            .map_err(|e| format!("NATS flush: {e}"))?;
+        Ok(RawNatsLatency {
+            publisher: self.publisher.clone(),
+            subscriber,
+            subject: Subject::from(RAW_LATENCY_CHANNEL),
+            payload: sample_payload(),
+            _client: sub_client,
+        })
+    }
+
+    fn propagation_detail(raw: &Self::RawLatency) -> String {
+        format!(
+            "no L2: B's entry goes stale, and B sets the new value locally, without notification, between \
+             iterations; separate NATS connections); raw = async-nats publish ({} bytes) -> \
+             subscriber.next() on another connection",
+            raw.payload.len()
+        )
+    }
+
+    fn publisher(&mut self) -> RawPublisher<'_> {
+        RawPublisher::Nats(self.publisher)
+    }
+
+    async fn publish_all(&mut self, payloads: &[Bytes], consumed: impl Fn() -> u64) -> Res<()> {
+        nats_publish_all(self.publisher, &self.subject, payloads, consumed).await
     }
 }
 
@@ -1305,137 +1508,29 @@ async fn nats_bench(server: &NatsServer) -> Res<Report> {
     let publisher = nats_connect(&url).await?;
     let version = publisher.server_info().version;
 
-    // 1. Propagation latency.
-    let (mut fc, mut raw) = {
-        let a = nats_node(&url, "bench").await?;
-        let b = nats_node(&url, "bench").await?;
-        ready(&a, "node A").await?;
-        ready(&b, "node B").await?;
-        wait_live(RawPublisher::Nats(&publisher), &[&a, &b], &mut liveness).await?;
-        let mut prop = Propagation::new(a, b, true).await?;
-        let sub_client = nats_connect(&url).await?;
-        let subscriber = sub_client
-            .subscribe(RAW_LATENCY_CHANNEL)
-            .await
-            .map_err(|e| format!("NATS subscribe: {e}"))?;
-        sub_client
-            .flush()
-            .await
-            .map_err(|e| format!("NATS flush: {e}"))?;
-        let mut base = RawNatsLatency {
-            publisher: publisher.clone(),
-            subscriber,
-            subject: Subject::from(RAW_LATENCY_CHANNEL),
-            payload: sample_payload(),
-        };
-        details.push(format!(
-            "propagation: {ITERATIONS} iterations per side after {WARMUP} of warm-up, blocks of {BLOCK} \
-             alternating; fusioncache = A.set returned -> B.peek no longer the old value (no L2: B's entry \
-             goes stale, and B sets the new value locally, without notification, between iterations; \
-             separate NATS connections); raw = async-nats publish ({} bytes) -> subscriber.next() on \
-             another connection",
-            base.payload.len()
-        ));
-        let samples = interleaved(&mut prop, &mut base).await?;
-        drop(sub_client);
-        samples
+    let mut bus = NatsBus {
+        server,
+        publisher: &publisher,
+        url: &url,
+        subject: Subject::from(channel_name(None, Some(THROUGHPUT_NODE))),
     };
-    rows.extend(latency_rows(
-        "propagation",
-        &mut fc,
-        &mut raw,
-        None,
-        Some(Goal::AtMost(2.0)),
-    ));
+
+    // 1. Propagation latency.
+    propagation(&mut bus, &mut liveness, &mut rows, &mut details).await?;
 
     // 2. Notifications applied per second.
-    let tp_name = "benchtp";
-    let subject = Subject::from(channel_name(None, Some(tp_name)));
     let payloads = removal_payloads(THROUGHPUT_MESSAGES);
     // The propagation nodes and the raw subscriber are gone: only the publisher stays connected.
-    nats_wait_connections(server, 1).await?;
-    let (mut fc_rates, mut raw_rates) = (Vec::new(), Vec::new());
-    let (mut fc_cpu, mut raw_cpu) = (CpuUse::default(), CpuUse::default());
-    for round in 0..=ROUNDS {
-        // Round 0 warms both sides up and is discarded.
-        let keep = round > 0;
-        // (a) raw: a subscriber on its own connection counts the messages.
-        nats_wait_connections(server, 1).await?;
-        let client = nats_connect(&url).await?;
-        let mut subscriber = client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| format!("NATS subscribe: {e}"))?;
-        client
-            .flush()
-            .await
-            .map_err(|e| format!("NATS flush: {e}"))?;
-        let counted = Cell::new(0u64);
-        let cpu = CpuUse::start(server_pid);
-        let t0 = Instant::now();
-        let (published, (count, done)) = within(ROUND_TIMEOUT, "raw NATS throughput", async {
-            tokio::join!(
-                nats_publish_all(&publisher, &subject, &payloads, || counted.get()),
-                async {
-                    let mut n = 0;
-                    while n < THROUGHPUT_MESSAGES
-                        && matches!(
-                            tokio::time::timeout(STALL, subscriber.next()).await,
-                            Ok(Some(_))
-                        )
-                    {
-                        n += 1;
-                        counted.set(n as u64);
-                    }
-                    (n, Instant::now())
-                }
-            )
-        })
-        .await?;
-        published?;
-        if count != THROUGHPUT_MESSAGES {
-            return Err(format!(
-                "raw NATS: {count} of {THROUGHPUT_MESSAGES} messages received (subscription ended or \
-                 nothing for {STALL:?}): the baseline lost messages"
-            )
-            .into());
-        }
-        if keep {
-            raw_rates.push(rate(t0, done));
-            raw_cpu.add(server_pid, cpu);
-        }
-        drop(subscriber);
-        drop(client);
-
-        // (b) fusioncache: a node on its own connection counts what it applied.
-        nats_wait_connections(server, 1).await?;
-        let node = nats_node(&url, tp_name).await?;
-        ready(&node, "throughput node").await?;
-        wait_live(RawPublisher::Nats(&publisher), &[&node], &mut liveness).await?;
-        let base = node.stats().backplane_received;
-        let cpu = CpuUse::start(server_pid);
-        let t0 = Instant::now();
-        let (published, (applied, done)) = within(ROUND_TIMEOUT, "fusioncache throughput", async {
-            tokio::join!(
-                nats_publish_all(&publisher, &subject, &payloads, || {
-                    node.stats().backplane_received - base
-                }),
-                count_applied(&node, base)
-            )
-        })
-        .await?;
-        published?;
-        check_applied(&node)?;
-        if keep {
-            fc_rates.push(fc_outcome(&node, applied, t0, done));
-            fc_cpu.add(server_pid, cpu);
-        }
-        drop(node);
-    }
-    let (row, more) = throughput_row("notifications applied", &fc_rates, &raw_rates);
-    rows.push(row);
-    details.extend(more);
-    details.push(cpu_detail(&raw_cpu, &fc_cpu));
+    wait_count(&mut bus, 1).await?;
+    throughput_rounds(
+        &mut bus,
+        server_pid,
+        &payloads,
+        &mut liveness,
+        &mut rows,
+        &mut details,
+    )
+    .await?;
     details.push(format!(
         "throughput: valid Remove messages on distinct keys from a foreign source id, published from a raw \
          async-nats client with a flush every {PIPELINE}, at most {WINDOW} published and not yet counted; \
