@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::net::{http_get, json_str, json_u64};
-use crate::process::{find_binary, log_tail, temp_dir, wait_ready, NotReady, Proc};
+use crate::process::{
+    find_binary, log_tail, respawn_until_ready, temp_dir, wait_ready, NotReady, Proc,
+};
 use crate::redis::describe;
 
 /// How long `start` / `restart` wait for `GET /healthz` to return 200.
@@ -170,25 +172,19 @@ impl NatsServer {
     /// (port still in use) is retried until that deadline.
     pub fn restart(&mut self) -> io::Result<()> {
         self.stop();
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            self.spawn()?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.wait_healthy(left) {
-                Ok(()) => return Ok(()),
-                Err(NotReady::Exited(_)) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(why) => {
-                    self.proc_.kill();
-                    return Err(self.error(&format!(
-                        "nats-server did not come back on port {}: {}",
-                        self.port,
-                        describe(&why)
-                    )));
-                }
-            }
-        }
+        let outcome = respawn_until_ready(
+            &self.proc_,
+            READY_TIMEOUT,
+            || self.spawn(),
+            || self.is_healthy(),
+        )?;
+        outcome.map_err(|why| {
+            self.error(&format!(
+                "nats-server did not come back on port {}: {}",
+                self.port,
+                describe(&why)
+            ))
+        })
     }
 
     fn spawn(&self) -> io::Result<()> {

@@ -106,6 +106,32 @@ pub(crate) fn wait_ready(
     }
 }
 
+/// Spawns a server again on its same port until it passes `ready` (a bind failure while the old socket
+/// lingers makes it exit: it is retried until `timeout`). On failure the process is killed and the reason
+/// returned.
+pub(crate) fn respawn_until_ready(
+    proc_: &Proc,
+    timeout: Duration,
+    mut spawn: impl FnMut() -> io::Result<()>,
+    mut ready: impl FnMut() -> bool,
+) -> io::Result<Result<(), NotReady>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        spawn()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match wait_ready(proc_, left, &mut ready) {
+            Ok(()) => return Ok(Ok(())),
+            Err(NotReady::Exited(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(why) => {
+                proc_.kill();
+                return Ok(Err(why));
+            }
+        }
+    }
+}
+
 /// Resolves a server binary: environment override, then the usual absolute
 /// locations, then the bare name (looked up on `PATH` by `Command`).
 pub(crate) fn find_binary(env_var: &str, candidates: &[&str], name: &str) -> PathBuf {

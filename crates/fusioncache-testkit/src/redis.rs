@@ -2,10 +2,12 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::net::resp_roundtrip;
-use crate::process::{find_binary, log_tail, temp_dir, wait_ready, NotReady, Proc};
+use crate::process::{
+    find_binary, log_tail, respawn_until_ready, temp_dir, wait_ready, NotReady, Proc,
+};
 
 /// How long `start` / `restart` wait for the server to answer PING.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,25 +121,19 @@ impl RedisServer {
     /// retried until that deadline.
     pub fn restart(&mut self) -> io::Result<()> {
         self.stop();
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            self.spawn()?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            match wait_ready(&self.proc_, left, || self.is_ready()) {
-                Ok(()) => return Ok(()),
-                Err(NotReady::Exited(_)) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(why) => {
-                    self.proc_.kill();
-                    return Err(self.error(&format!(
-                        "redis-server did not come back on port {}: {}",
-                        self.port,
-                        describe(&why)
-                    )));
-                }
-            }
-        }
+        let outcome = respawn_until_ready(
+            &self.proc_,
+            READY_TIMEOUT,
+            || self.spawn(),
+            || self.is_ready(),
+        )?;
+        outcome.map_err(|why| {
+            self.error(&format!(
+                "redis-server did not come back on port {}: {}",
+                self.port,
+                describe(&why)
+            ))
+        })
     }
 
     /// Sends one command (e.g. `&["SET", "k", "v"]`) over a fresh raw TCP
