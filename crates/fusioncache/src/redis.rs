@@ -16,6 +16,28 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::IntoConnectionInfo;
 use tokio::sync::OnceCell;
 
+/// Every Redis command this library sends, in the form of an ACL rule (`+{command}`): the connection
+/// handshake (`AUTH`, `HELLO`, `CLIENT SETINFO`), the L2 (`GET`, `MGET`, `SET`, `UNLINK`) and the backplane
+/// (`PUBLISH`, `SUBSCRIBE`, `UNSUBSCRIBE`, `PING`). An ACL user allowed exactly these (plus [`ACL_SELECT`]
+/// when it uses a database other than 0), its key prefix and its channel can run every operation of the
+/// library; the operator provisions such users, and the library's tests check that nothing else is sent.
+pub const ACL_COMMANDS: &[&str] = &[
+    "auth",
+    "hello",
+    "client|setinfo",
+    "ping",
+    "get",
+    "mget",
+    "set",
+    "unlink",
+    "publish",
+    "subscribe",
+    "unsubscribe",
+];
+
+/// The command a connection to a database other than 0 sends on connect, in ACL form.
+pub const ACL_SELECT: &str = "select";
+
 /// Timeouts and reconnection settings of a Redis endpoint.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {

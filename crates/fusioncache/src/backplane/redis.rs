@@ -224,9 +224,11 @@ async fn run_pubsub(
                     }
                 },
                 _ = health.tick() => {
-                    let ping = tokio::time::timeout(options.response_timeout, sink.ping::<String>()).await;
+                    let ping = tokio::time::timeout(options.response_timeout, sink.ping::<redis::Value>()).await;
                     match ping {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(reply)) => if let Err(e) = check_pong(&reply, !subscribed.is_empty()) {
+                            break format!("health check failed: {e}");
+                        },
                         Ok(Err(e)) => break format!("health check failed: {e}"),
                         Err(_) => break "health check timed out".to_string(),
                     }
@@ -240,6 +242,30 @@ async fn run_pubsub(
     }
 }
 
+/// Checks the reply to a PING sent on the pub/sub connection. A connection in subscribed mode answers
+/// `["pong", ""]` (RESP2: a PING there is itself a pub/sub reply); a plain `PONG` means the server no longer
+/// counts the connection as subscribed, so its subscriptions are gone even though it is alive.
+fn check_pong(reply: &redis::Value, subscribed: bool) -> Result<(), String> {
+    use redis::Value;
+    let is = |v: &Value, text: &str| match v {
+        Value::BulkString(b) => b.eq_ignore_ascii_case(text.as_bytes()),
+        Value::SimpleString(s) => s.eq_ignore_ascii_case(text),
+        _ => false,
+    };
+    match reply {
+        Value::Array(items) | Value::Push { data: items, .. }
+            if items.first().is_some_and(|v| is(v, "pong")) =>
+        {
+            Ok(())
+        }
+        v if !subscribed && is(v, "pong") => Ok(()),
+        v if is(v, "pong") => {
+            Err("the server no longer counts the connection as subscribed".into())
+        }
+        other => Err(format!("unexpected reply {other:?}")),
+    }
+}
+
 fn log_failure(connection: &RedisConnection, failures: &mut u32, error: &str) {
     *failures += 1;
     // Log the first failure and then every 20th, so an outage does not flood the logs.
@@ -250,5 +276,30 @@ fn log_failure(connection: &RedisConnection, failures: &mut u32, error: &str) {
             error,
             "redis pub/sub connection failed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_pong;
+    use redis::Value;
+
+    #[test]
+    fn a_subscribed_connection_answers_ping_with_a_pong_array() {
+        let subscribed = Value::Array(vec![
+            Value::BulkString(b"pong".to_vec()),
+            Value::BulkString(Vec::new()),
+        ]);
+        assert_eq!(check_pong(&subscribed, true), Ok(()));
+        assert_eq!(check_pong(&subscribed, false), Ok(()));
+    }
+
+    #[test]
+    fn a_plain_pong_means_the_subscriptions_are_gone() {
+        let plain = Value::SimpleString("PONG".into());
+        assert_eq!(check_pong(&plain, false), Ok(()));
+        assert!(check_pong(&plain, true).unwrap_err().contains("no longer"));
+        assert!(check_pong(&Value::Int(1), true).is_err());
+        assert!(check_pong(&Value::Array(vec![]), true).is_err());
     }
 }
