@@ -5,7 +5,12 @@
 //! [`NatsCluster`] is backed by an actual child process with its own temporary
 //! directory and log file. Processes are killed by PID (SIGKILL) on
 //! [`RedisServer::stop`] / [`NatsServer::stop`] and on `Drop`, so a test that
-//! panics does not leak servers.
+//! panics does not leak servers. [`RedisServer::stall`] / [`NatsServer::stall`]
+//! freeze a server (SIGSTOP) until `resume` (SIGCONT).
+//!
+//! Network faults go through a [`FaultProxy`] placed between a client and a
+//! server: pass, black hole, added latency, reset or close, switched at
+//! runtime.
 //!
 //! All calls are synchronous and built on `std::process` / `std::net`. Each
 //! one blocks only briefly (readiness waits are bounded, ~10–15 s at most), so
@@ -47,9 +52,11 @@
 mod nats;
 mod net;
 mod process;
+mod proxy;
 mod redis;
 
 pub use nats::{NatsCluster, NatsServer};
+pub use proxy::{Fault, FaultProxy};
 pub use redis::RedisServer;
 
 use std::collections::HashSet;

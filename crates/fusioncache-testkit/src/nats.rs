@@ -4,7 +4,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::net::{http_get, json_str, json_u64};
+use serde::Deserialize;
+
+use crate::net::http_get;
 use crate::process::{
     find_binary, log_tail, respawn_until_ready, temp_dir, wait_ready, NotReady, Proc,
 };
@@ -160,10 +162,29 @@ impl NatsServer {
         http_get(self.monitor_port, path, HTTP_TIMEOUT)
     }
 
-    /// Kills the process by PID (SIGKILL) and waits for it to exit.
-    /// Idempotent; never panics.
+    /// `GET path` on the monitoring port, parsed as JSON (e.g. `/connz`,
+    /// `/varz`, `/subsz`). A status other than 200 or a body that is not JSON
+    /// is an `InvalidData` error.
+    pub fn monitor_json(&self, path: &str) -> io::Result<serde_json::Value> {
+        monitor_json(self.monitor_port, path, HTTP_TIMEOUT)
+    }
+
+    /// Kills the process by PID (SIGKILL, as `kill -9`) and waits for it to
+    /// exit. Idempotent; never panics.
     pub fn stop(&mut self) {
         self.proc_.kill();
+    }
+
+    /// Stalls the server (SIGSTOP): its sockets stay open and the kernel
+    /// still accepts bytes, but nothing is answered until
+    /// [`resume`](Self::resume). A no-op while stopped.
+    pub fn stall(&self) -> io::Result<()> {
+        self.proc_.signal(libc::SIGSTOP)
+    }
+
+    /// Resumes a stalled server (SIGCONT). A no-op while stopped.
+    pub fn resume(&self) -> io::Result<()> {
+        self.proc_.signal(libc::SIGCONT)
     }
 
     /// Stops the server if running, then starts it again with the **same**
@@ -375,28 +396,29 @@ impl NatsCluster {
             .collect();
         let mut views = Vec::with_capacity(running.len());
         for (i, server) in &running {
-            let body = match http_get(server.monitor_port, "/routez", PROBE_TIMEOUT) {
-                Ok((200, body)) => body,
-                Ok((status, _)) => return Err(format!("server {i}: /routez returned {status}")),
-                Err(e) => return Err(format!("server {i}: /routez failed: {e}")),
-            };
-            let id = json_str(&body, "server_id")
-                .ok_or_else(|| format!("server {i}: no server_id in /routez"))?
-                .to_string();
-            views.push((*i, id, body));
+            let routez: Routez = monitor_json(server.monitor_port, "/routez", PROBE_TIMEOUT)
+                .and_then(|v| serde_json::from_value(v).map_err(io::Error::other))
+                .map_err(|e| format!("server {i}: /routez: {e}"))?;
+            views.push((*i, routez));
         }
         let want = running.len().saturating_sub(1) as u64;
         let mut problems = Vec::new();
-        for (i, _, body) in &views {
-            let num = json_u64(body, "num_routes").unwrap_or(0);
+        for (i, routez) in &views {
             let missing: Vec<usize> = views
                 .iter()
-                .filter(|(j, id, _)| j != i && !body.contains(id.as_str()))
-                .map(|(j, _, _)| *j)
+                .filter(|(j, other)| {
+                    j != i
+                        && !routez
+                            .routes()
+                            .iter()
+                            .any(|r| r.remote_id == other.server_id)
+                })
+                .map(|(j, _)| *j)
                 .collect();
-            if num < want || !missing.is_empty() {
+            if routez.num_routes < want || !missing.is_empty() {
                 problems.push(format!(
-                    "server {i}: num_routes={num} (want >= {want}), no route to {missing:?}"
+                    "server {i}: num_routes={} (want >= {want}), no route to {missing:?}",
+                    routez.num_routes
                 ));
             }
         }
@@ -405,5 +427,65 @@ impl NatsCluster {
         } else {
             Err(problems.join("; "))
         }
+    }
+}
+
+/// The part of `/routez` the cluster checks read.
+#[derive(Debug, Deserialize)]
+struct Routez {
+    server_id: String,
+    #[serde(default)]
+    num_routes: u64,
+    /// `null` (a Go nil slice) when the server has no route.
+    #[serde(default)]
+    routes: Option<Vec<Route>>,
+}
+
+impl Routez {
+    fn routes(&self) -> &[Route] {
+        self.routes.as_deref().unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Route {
+    #[serde(default)]
+    remote_id: String,
+}
+
+fn monitor_json(port: u16, path: &str, timeout: Duration) -> io::Result<serde_json::Value> {
+    let (status, body) = http_get(port, path, timeout)?;
+    if status != 200 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("GET {path} returned {status}: {body}"),
+        ));
+    }
+    serde_json::from_str(&body).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("GET {path}: not JSON ({e})"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Routez;
+
+    #[test]
+    fn routez_is_read_by_field_not_by_first_match() {
+        // `server_id` appears inside a route first: a first-match scan would take the peer's id.
+        let json = r#"{
+  "routes": [ {"rid": 5, "remote_id": "NDEF", "server_id": "NDEF"} ],
+  "server_id": "NABC",
+  "num_routes": 1
+}"#;
+        let routez: Routez = serde_json::from_str(json).unwrap();
+        assert_eq!(routez.server_id, "NABC");
+        assert_eq!(routez.num_routes, 1);
+        assert_eq!(routez.routes()[0].remote_id, "NDEF");
+        let lone: Routez = serde_json::from_str(r#"{"server_id": "X", "routes": null}"#).unwrap();
+        assert_eq!((lone.num_routes, lone.routes().len()), (0, 0));
     }
 }

@@ -1,5 +1,5 @@
 //! Minimal blocking network helpers: RESP for Redis, HTTP/1.0 GET for the
-//! NATS monitoring port, and tiny JSON field scanners.
+//! NATS monitoring port.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -142,36 +142,6 @@ pub(crate) fn http_get(port: u16, path: &str, timeout: Duration) -> io::Result<(
     Ok((status, body.to_string()))
 }
 
-/// Position right after `"key"` followed by optional whitespace and `:` and
-/// optional whitespace.
-fn after_key<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let needle = format!("\"{key}\"");
-    let mut rest = json;
-    while let Some(i) = rest.find(&needle) {
-        rest = &rest[i + needle.len()..];
-        let trimmed = rest.trim_start();
-        if let Some(value) = trimmed.strip_prefix(':') {
-            return Some(value.trim_start());
-        }
-    }
-    None
-}
-
-/// Finds the first `"key": <unsigned integer>` in a JSON text.
-pub(crate) fn json_u64(json: &str, key: &str) -> Option<u64> {
-    let value = after_key(json, key)?;
-    let end = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    value[..end].parse().ok()
-}
-
-/// Finds the first `"key": "<string without escapes>"` in a JSON text.
-pub(crate) fn json_str<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let value = after_key(json, key)?.strip_prefix('"')?;
-    value.find('"').map(|end| &value[..end])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,22 +180,5 @@ mod tests {
         assert!(read_one("+PONG").is_err());
         assert!(read_one("").is_err());
         assert!(read_one("?\r\n").is_err());
-    }
-
-    #[test]
-    fn scans_json() {
-        let json = r#"{
-  "server_id": "NABC",
-  "now": "2024",
-  "num_routes": 2,
-  "routes": [ {"rid": 5, "remote_id": "NDEF"} ]
-}"#;
-        assert_eq!(json_u64(json, "num_routes"), Some(2));
-        assert_eq!(json_u64(json, "rid"), Some(5));
-        assert_eq!(json_u64(json, "missing"), None);
-        assert_eq!(json_str(json, "server_id"), Some("NABC"));
-        assert_eq!(json_str(json, "remote_id"), Some("NDEF"));
-        assert_eq!(json_u64(r#"{"num_routes":0}"#, "num_routes"), Some(0));
-        assert_eq!(json_u64(r#"{"num_routes_x": 3}"#, "num_routes"), None);
     }
 }

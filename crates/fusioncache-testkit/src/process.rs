@@ -66,6 +66,22 @@ impl Proc {
         Some(status)
     }
 
+    /// Sends `signal` to the process by PID; a no-op when it is not running.
+    pub(crate) fn signal(&self, signal: libc::c_int) -> io::Result<()> {
+        let guard = self.lock();
+        let Some(child) = guard.as_ref() else {
+            return Ok(());
+        };
+        let pid = libc::pid_t::try_from(child.id()).map_err(io::Error::other)?;
+        // SAFETY: kill(2) takes plain integers; the PID is our own unreaped child, so it cannot have been
+        // reused by another process.
+        if unsafe { libc::kill(pid, signal) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Kills the process by PID (SIGKILL) and waits for it. Idempotent, never
     /// panics.
     pub(crate) fn kill(&self) {

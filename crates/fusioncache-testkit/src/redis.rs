@@ -109,10 +109,22 @@ impl RedisServer {
         self.dir.path().join("redis.log")
     }
 
-    /// Kills the process by PID (SIGKILL) and waits for it to exit.
-    /// Idempotent; never panics.
+    /// Kills the process by PID (SIGKILL, as `kill -9`) and waits for it to
+    /// exit. Idempotent; never panics.
     pub fn stop(&mut self) {
         self.proc_.kill();
+    }
+
+    /// Stalls the server (SIGSTOP): its sockets stay open and the kernel
+    /// still accepts bytes, but nothing is answered until
+    /// [`resume`](Self::resume). A no-op while stopped.
+    pub fn stall(&self) -> io::Result<()> {
+        self.proc_.signal(libc::SIGSTOP)
+    }
+
+    /// Resumes a stalled server (SIGCONT). A no-op while stopped.
+    pub fn resume(&self) -> io::Result<()> {
+        self.proc_.signal(libc::SIGCONT)
     }
 
     /// Stops the server if running, then starts it again on the **same**

@@ -21,12 +21,7 @@ fn client_info(port: u16) -> std::io::Result<String> {
 }
 
 fn num_routes(server: &NatsServer) -> Option<u64> {
-    let (status, body) = server.monitor("/routez").ok()?;
-    assert_eq!(status, 200);
-    let rest = &body[body.find("\"num_routes\"")? + "\"num_routes\"".len()..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-    let end = rest.find(|c: char| !c.is_ascii_digit())?;
-    rest[..end].parse().ok()
+    server.monitor_json("/routez").ok()?["num_routes"].as_u64()
 }
 
 #[test]
@@ -160,4 +155,20 @@ fn two_node_cluster() {
     let cluster = NatsCluster::start(2).expect("start 2-node cluster");
     assert_eq!(num_routes(cluster.server(0)), Some(1));
     assert_eq!(num_routes(cluster.server(1)), Some(1));
+}
+
+#[test]
+fn stall_and_resume_a_nats_server() {
+    let nats = NatsServer::start().expect("start nats");
+    nats.stall().unwrap();
+    assert!(
+        nats.monitor("/healthz").is_err(),
+        "a stalled server does not answer"
+    );
+    nats.resume().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || nats
+        .monitor("/healthz")
+        .is_ok_and(|(s, _)| s == 200)));
+    let varz = nats.monitor_json("/varz").unwrap();
+    assert_eq!(varz["port"].as_u64(), Some(u64::from(nats.port())));
 }

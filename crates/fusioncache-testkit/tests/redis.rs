@@ -3,7 +3,9 @@
 use std::io::ErrorKind;
 use std::path::Path;
 
-use fusioncache_testkit::RedisServer;
+use std::time::Duration;
+
+use fusioncache_testkit::{wait_until, RedisServer};
 
 fn proc_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -154,4 +156,30 @@ fn many_servers_in_parallel_get_distinct_ports() {
     for s in &servers {
         assert_eq!(s.command(&["PING"]).unwrap(), "+PONG\r\n");
     }
+}
+
+/// The state letter of a process in `/proc/PID/stat` (`T` when stopped).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+#[test]
+fn stall_stops_answering_and_resume_answers_what_was_sent() {
+    let redis = RedisServer::start().expect("start redis");
+    let pid = redis.pid().unwrap();
+    redis.stall().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || proc_state(pid) == Some('T')));
+    let err = redis.command(&["PING"]).unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "a stalled server accepts the connection but does not answer: {err}"
+    );
+    redis.resume().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || proc_state(pid) != Some('T')));
+    assert_eq!(redis.command(&["PING"]).unwrap(), "+PONG\r\n");
+    // A stalled server is still killed on drop.
+    redis.stall().unwrap();
+    drop(redis);
+    assert!(!proc_exists(pid));
 }
