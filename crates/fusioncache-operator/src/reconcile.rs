@@ -499,10 +499,11 @@ fn provision(
             database: redis_database,
             username,
             password,
+            ..RedisConfig::default()
         }),
         nats: nats_url.as_ref().map(|url| NatsConfig {
             url: Some(url.clone()),
-            credentials: None,
+            ..NatsConfig::default()
         }),
     };
     config

@@ -187,6 +187,19 @@ impl NatsServer {
         self.proc_.signal(libc::SIGCONT)
     }
 
+    /// The `nats.conf` of a server started with
+    /// [`start_with_config`](Self::start_with_config); rewrite it, then
+    /// [`reload`](Self::reload).
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    /// Makes the server reload its configuration file (SIGHUP), e.g. after
+    /// changing the permissions of its users. A no-op while stopped.
+    pub fn reload(&self) -> io::Result<()> {
+        self.proc_.signal(libc::SIGHUP)
+    }
+
     /// Stops the server if running, then starts it again with the **same**
     /// client, monitoring (and cluster) ports, directory and arguments, and
     /// waits (up to ~10 s) until `/healthz` returns 200. A bind failure

@@ -32,6 +32,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -63,11 +64,21 @@ pub mod env {
     pub const NATS_URL: &str = "FUSIONCACHE_NATS_URL";
     /// Path of a NATS `.creds` file.
     pub const NATS_CREDENTIALS: &str = "FUSIONCACHE_NATS_CREDENTIALS";
+    /// The Redis liveness bound (`3s`, `1500ms`): a lost link is reported within it.
+    pub const REDIS_LIVENESS_TIMEOUT: &str = "FUSIONCACHE_REDIS_LIVENESS_TIMEOUT";
+    /// How long a Redis link may stay quiet before it is checked (`1s`).
+    pub const REDIS_HEALTH_CHECK_INTERVAL: &str = "FUSIONCACHE_REDIS_HEALTH_CHECK_INTERVAL";
+    /// The NATS liveness bound (`3s`).
+    pub const NATS_LIVENESS_TIMEOUT: &str = "FUSIONCACHE_NATS_LIVENESS_TIMEOUT";
+    /// How long a NATS subject may stay quiet before it is probed (`1s`).
+    pub const NATS_HEALTH_CHECK_INTERVAL: &str = "FUSIONCACHE_NATS_HEALTH_CHECK_INTERVAL";
+    /// `true` to try the NATS servers in the order given rather than shuffled.
+    pub const NATS_RETAIN_SERVERS_ORDER: &str = "FUSIONCACHE_NATS_RETAIN_SERVERS_ORDER";
     /// Root of the Service Binding directories.
     pub const SERVICE_BINDING_ROOT: &str = "SERVICE_BINDING_ROOT";
 
     /// Every `FUSIONCACHE_*` key that carries a value (all but [`CONFIG`]).
-    pub const VALUE_KEYS: [&str; 11] = [
+    pub const VALUE_KEYS: [&str; 16] = [
         CACHE_NAME,
         CHANNEL_PREFIX,
         BACKPLANE,
@@ -79,6 +90,11 @@ pub mod env {
         KEY_PREFIX,
         NATS_URL,
         NATS_CREDENTIALS,
+        REDIS_LIVENESS_TIMEOUT,
+        REDIS_HEALTH_CHECK_INTERVAL,
+        NATS_LIVENESS_TIMEOUT,
+        NATS_HEALTH_CHECK_INTERVAL,
+        NATS_RETAIN_SERVERS_ORDER,
     ];
 }
 
@@ -151,6 +167,20 @@ pub struct RedisConfig {
     /// Password (kept in a Secret by the operator, never in the ConfigMap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// The liveness bound (`3s` by default): a lost link is reported within it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "duration_text"
+    )]
+    pub liveness_timeout: Option<Duration>,
+    /// How long a link may stay quiet before it is checked (`1s` by default).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "duration_text"
+    )]
+    pub health_check_interval: Option<Duration>,
 }
 
 /// NATS connection settings.
@@ -163,6 +193,23 @@ pub struct NatsConfig {
     /// Path of a `.creds` file (JWT + NKey seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<String>,
+    /// The liveness bound (`3s` by default): a lost link is reported within it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "duration_text"
+    )]
+    pub liveness_timeout: Option<Duration>,
+    /// How long a subject may stay quiet before it is probed (`1s` by default).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "duration_text"
+    )]
+    pub health_check_interval: Option<Duration>,
+    /// Try the servers in the order given rather than shuffled (`false` by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_servers_order: Option<bool>,
 }
 
 /// The injected configuration of one cache: what `fusioncache.yaml` holds.
@@ -294,11 +341,20 @@ impl FusionCacheConfig {
     /// Reads the `FUSIONCACHE_*` keys from a value source (environment variables or a binding directory).
     pub fn from_values(source: &dyn ValueSource) -> Result<Self, ConfigError> {
         let get = |key: &str| source.value(key);
+        let duration = |key: &str| -> Result<Option<Duration>, ConfigError> {
+            get(key)
+                .map(|v| {
+                    duration_text::parse(&v).map_err(|reason| ConfigError::invalid(key, reason))
+                })
+                .transpose()
+        };
         let mut redis = RedisConfig {
             url: get(env::REDIS_URL),
             database: None,
             username: get(env::REDIS_USERNAME),
             password: get(env::REDIS_PASSWORD),
+            liveness_timeout: duration(env::REDIS_LIVENESS_TIMEOUT)?,
+            health_check_interval: duration(env::REDIS_HEALTH_CHECK_INTERVAL)?,
         };
         if let Some(db) = get(env::REDIS_DATABASE) {
             redis.database = Some(db.trim().parse().map_err(|_| {
@@ -308,9 +364,22 @@ impl FusionCacheConfig {
                 )
             })?);
         }
+        let retain_servers_order = get(env::NATS_RETAIN_SERVERS_ORDER)
+            .map(|v| match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                other => Err(ConfigError::invalid(
+                    env::NATS_RETAIN_SERVERS_ORDER,
+                    format!("`{other}` is not true or false"),
+                )),
+            })
+            .transpose()?;
         let nats = NatsConfig {
             url: get(env::NATS_URL),
             credentials: get(env::NATS_CREDENTIALS),
+            liveness_timeout: duration(env::NATS_LIVENESS_TIMEOUT)?,
+            health_check_interval: duration(env::NATS_HEALTH_CHECK_INTERVAL)?,
+            retain_servers_order,
         };
         let config = Self {
             cache_name: get(env::CACHE_NAME),
@@ -350,10 +419,30 @@ impl FusionCacheConfig {
             put(env::REDIS_DATABASE, r.database.map(|d| d.to_string()));
             put(env::REDIS_USERNAME, r.username.clone());
             put(env::REDIS_PASSWORD, r.password.clone());
+            put(
+                env::REDIS_LIVENESS_TIMEOUT,
+                r.liveness_timeout.map(duration_text::format),
+            );
+            put(
+                env::REDIS_HEALTH_CHECK_INTERVAL,
+                r.health_check_interval.map(duration_text::format),
+            );
         }
         if let Some(n) = &self.nats {
             put(env::NATS_URL, n.url.clone());
             put(env::NATS_CREDENTIALS, n.credentials.clone());
+            put(
+                env::NATS_LIVENESS_TIMEOUT,
+                n.liveness_timeout.map(duration_text::format),
+            );
+            put(
+                env::NATS_HEALTH_CHECK_INTERVAL,
+                n.health_check_interval.map(duration_text::format),
+            );
+            put(
+                env::NATS_RETAIN_SERVERS_ORDER,
+                n.retain_servers_order.map(|b| b.to_string()),
+            );
         }
         out
     }
@@ -487,6 +576,8 @@ impl FusionCacheConfig {
                     database: a.database.or(b.database),
                     username: a.username.or(b.username),
                     password: a.password.or(b.password),
+                    liveness_timeout: a.liveness_timeout.or(b.liveness_timeout),
+                    health_check_interval: a.health_check_interval.or(b.health_check_interval),
                 }),
                 (a, b) => a.or(b),
             }
@@ -496,6 +587,9 @@ impl FusionCacheConfig {
                 (Some(a), Some(b)) => Some(NatsConfig {
                     url: a.url.or(b.url),
                     credentials: a.credentials.or(b.credentials),
+                    liveness_timeout: a.liveness_timeout.or(b.liveness_timeout),
+                    health_check_interval: a.health_check_interval.or(b.health_check_interval),
+                    retain_servers_order: a.retain_servers_order.or(b.retain_servers_order),
                 }),
                 (a, b) => a.or(b),
             }
@@ -541,6 +635,18 @@ impl FusionCacheConfig {
                     ));
                 }
             }
+        }
+        let positive = |key: &str, value: Option<Duration>| match value {
+            Some(d) if d.is_zero() => Err(ConfigError::invalid(key, "must be more than zero")),
+            _ => Ok(()),
+        };
+        if let Some(r) = &self.redis {
+            positive("redis.livenessTimeout", r.liveness_timeout)?;
+            positive("redis.healthCheckInterval", r.health_check_interval)?;
+        }
+        if let Some(n) = &self.nats {
+            positive("nats.livenessTimeout", n.liveness_timeout)?;
+            positive("nats.healthCheckInterval", n.health_check_interval)?;
         }
         let needs = |kind: &str, present: bool| {
             if present {
@@ -593,6 +699,57 @@ impl FusionCacheConfig {
                 DistributedCacheKind::None
             }
         })
+    }
+}
+
+/// Durations as text in YAML and environment variables: `1500ms`, `3s`, `1.5s`, `2m`.
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Parses `<number><unit>`, unit `ms`, `s` or `m`.
+    pub(super) fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let scale = match unit.trim() {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "" => return Err(format!("`{text}` has no unit (write e.g. `3s` or `500ms`)")),
+            other => return Err(format!("`{other}` is not a unit (ms, s, m)")),
+        };
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration (e.g. `3s` or `500ms`)"))?;
+        Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{text}`: {e}"))
+    }
+
+    /// `3s` for whole seconds, else milliseconds (`1500ms`).
+    pub(super) fn format(d: Duration) -> String {
+        if d.subsec_nanos() == 0 {
+            format!("{}s", d.as_secs())
+        } else {
+            format!("{}ms", d.as_millis())
+        }
+    }
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| parse(&text).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -756,6 +913,59 @@ mod tests {
         let err = FusionCacheConfig::from_binding_dir(root.join("db")).unwrap_err();
         assert!(err.to_string().contains("postgresql"), "{err}");
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn liveness_keys_parse_round_trip_and_are_checked() {
+        let env = values(&[
+            (env::BACKPLANE, "nats"),
+            (env::NATS_URL, "nats://a:4222,nats://b:4222"),
+            (env::NATS_LIVENESS_TIMEOUT, "1500ms"),
+            (env::NATS_HEALTH_CHECK_INTERVAL, "0.5s"),
+            (env::NATS_RETAIN_SERVERS_ORDER, "true"),
+            (env::REDIS_URL, "redis://r:6379"),
+            (env::REDIS_LIVENESS_TIMEOUT, "2s"),
+        ]);
+        let config = FusionCacheConfig::from_values(&env).unwrap();
+        let nats = config.nats.as_ref().unwrap();
+        assert_eq!(nats.liveness_timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(nats.health_check_interval, Some(Duration::from_millis(500)));
+        assert_eq!(nats.retain_servers_order, Some(true));
+        let redis = config.redis.as_ref().unwrap();
+        assert_eq!(redis.liveness_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(redis.health_check_interval, None);
+        assert_eq!(
+            FusionCacheConfig::from_values(&config.to_env()).unwrap(),
+            config
+        );
+        let yaml = config.to_yaml();
+        assert!(yaml.contains("livenessTimeout: 1500ms"), "{yaml}");
+        assert!(yaml.contains("retainServersOrder: true"), "{yaml}");
+        assert_eq!(FusionCacheConfig::from_yaml(&yaml).unwrap(), config);
+
+        let yaml = "redis:\n  url: redis://r\n  livenessTimeout: 3\n";
+        let err = FusionCacheConfig::from_yaml(yaml).unwrap_err().to_string();
+        assert!(err.contains("no unit"), "{err}");
+        let err =
+            FusionCacheConfig::from_values(&values(&[(env::REDIS_HEALTH_CHECK_INTERVAL, "1h")]))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains(env::REDIS_HEALTH_CHECK_INTERVAL) && err.contains("not a unit"),
+            "{err}"
+        );
+        let err = FusionCacheConfig::from_values(&values(&[(env::NATS_LIVENESS_TIMEOUT, "0s")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nats.livenessTimeout"), "{err}");
+        let err =
+            FusionCacheConfig::from_values(&values(&[(env::NATS_RETAIN_SERVERS_ORDER, "maybe")]))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains(env::NATS_RETAIN_SERVERS_ORDER) && err.contains("maybe"),
+            "{err}"
+        );
     }
 
     #[test]

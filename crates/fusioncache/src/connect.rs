@@ -36,11 +36,20 @@ fn redis_connection(config: &FusionCacheConfig) -> Result<crate::redis::RedisCon
         ConfigError::Missing(format!("redis.url ({})", crate::config::env::REDIS_URL))
     })?;
     let key = format!(
-        "{url}|{:?}|{:?}|{}",
+        "{url}|{:?}|{:?}|{}|{:?}|{:?}",
         r.database,
         r.username,
-        r.password.as_deref().map_or(0, str::len)
+        r.password.as_deref().map_or(0, str::len),
+        r.liveness_timeout,
+        r.health_check_interval,
     );
+    let mut options = crate::redis::RedisOptions::default();
+    if let Some(timeout) = r.liveness_timeout {
+        options.liveness_timeout = timeout;
+    }
+    if let Some(interval) = r.health_check_interval {
+        options.health_check_interval = interval;
+    }
     let mut reg = registry();
     if let Some(conn) = reg.redis.get(&key) {
         return Ok(conn.clone());
@@ -50,7 +59,7 @@ fn redis_connection(config: &FusionCacheConfig) -> Result<crate::redis::RedisCon
         r.database,
         r.username.as_deref(),
         r.password.as_deref(),
-        crate::redis::RedisOptions::default(),
+        options,
     )
     .map_err(|e| ConfigError::invalid("redis.url", e.to_string()))?;
     reg.redis.insert(key, conn.clone());
@@ -114,7 +123,10 @@ pub(crate) async fn backplane(
             let url = n.url.clone().ok_or_else(|| {
                 ConfigError::Missing(format!("nats.url ({})", crate::config::env::NATS_URL))
             })?;
-            let key = format!("{url}|{:?}", n.credentials);
+            let key = format!(
+                "{url}|{:?}|{:?}|{:?}|{:?}",
+                n.credentials, n.liveness_timeout, n.health_check_interval, n.retain_servers_order
+            );
             let cell = registry().nats.entry(key).or_default().clone();
             let bp = cell
                 .get_or_try_init(|| async {
@@ -122,6 +134,13 @@ pub(crate) async fn backplane(
                     if let Some(creds) = &n.credentials {
                         options = options.credentials_file(creds);
                     }
+                    if let Some(timeout) = n.liveness_timeout {
+                        options = options.liveness_timeout(timeout);
+                    }
+                    if let Some(interval) = n.health_check_interval {
+                        options = options.health_check_interval(interval);
+                    }
+                    options = options.retain_servers_order(n.retain_servers_order.unwrap_or(false));
                     crate::backplane::nats::NatsBackplane::connect_with(options)
                         .await
                         .map(Arc::new)

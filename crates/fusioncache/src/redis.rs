@@ -9,12 +9,12 @@
 //! against the system's and webpki's roots, or the CA of [`RedisOptions::tls_ca_certificate`]).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::IntoConnectionInfo;
-use tokio::sync::OnceCell;
 
 /// Every Redis command this library sends, in the form of an ACL rule (`+{command}`): the connection
 /// handshake (`AUTH`, `HELLO`, `CLIENT SETINFO`), the L2 (`GET`, `MGET`, `SET`, `UNLINK`) and the backplane
@@ -38,7 +38,11 @@ pub const ACL_COMMANDS: &[&str] = &[
 /// The command a connection to a database other than 0 sends on connect, in ACL form.
 pub const ACL_SELECT: &str = "select";
 
-/// Timeouts and reconnection settings of a Redis endpoint.
+/// Timeouts, liveness and reconnection settings of a Redis endpoint.
+///
+/// Every lost link is reported within [`liveness_timeout`](Self::liveness_timeout): a pub/sub connection
+/// that answers nothing (a half-open TCP connection, a stalled server), a subscription that no longer
+/// delivers, and a command connection that stops answering (it is replaced).
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
     /// The longest a connection attempt may take (default 1 s).
@@ -48,10 +52,19 @@ pub struct RedisOptions {
     /// Reconnection attempts per failed command before it fails (default 1: fail fast, the cache has
     /// fail-safe and auto-recovery).
     pub reconnect_retries: usize,
-    /// The longest pause between reconnection attempts of the pub/sub connection (default 2 s).
+    /// The longest pause between reconnection attempts of the pub/sub connection, jitter included
+    /// (default 2 s). Pauses grow exponentially from 50 ms, with random jitter so that a fleet does not
+    /// reconnect in lockstep.
     pub max_reconnect_delay: Duration,
-    /// How often the pub/sub connection is pinged to detect a dead peer (default 5 s).
+    /// How long a link may stay quiet before it is checked (default 1 s): the pub/sub connection gets a
+    /// PING, each subscribed channel a probe message (after up to 1.5× this, at random, so that one node of
+    /// an idle fleet probes and the others hear it), and a busy command connection a PING. Brought under a
+    /// third of `liveness_timeout` when larger.
     pub health_check_interval: Duration,
+    /// The liveness bound (default 3 s): a pub/sub connection with no sign of life (a message or a PONG),
+    /// or a channel that heard nothing despite its probe, for this long is reported `Disconnected` and
+    /// reconnected; a command connection whose PING is not answered within this is replaced.
+    pub liveness_timeout: Duration,
     /// For `rediss://`: a PEM file of the CA certificates to trust instead of the system's and webpki's.
     pub tls_ca_certificate: Option<PathBuf>,
     /// For `rediss://` with mutual TLS: the client certificate and its key (PEM files).
@@ -65,10 +78,32 @@ impl Default for RedisOptions {
             response_timeout: Duration::from_secs(2),
             reconnect_retries: 1,
             max_reconnect_delay: Duration::from_secs(2),
-            health_check_interval: Duration::from_secs(5),
+            health_check_interval: Duration::from_secs(1),
+            liveness_timeout: Duration::from_secs(3),
             tls_ca_certificate: None,
             tls_client_certificate: None,
         }
+    }
+}
+
+impl RedisOptions {
+    /// Sets the liveness bound (see [`liveness_timeout`](Self::liveness_timeout)).
+    #[must_use]
+    pub fn liveness_timeout(mut self, timeout: Duration) -> Self {
+        self.liveness_timeout = timeout;
+        self
+    }
+
+    /// Sets the health-check interval (see [`health_check_interval`](Self::health_check_interval)).
+    #[must_use]
+    pub fn health_check_interval(mut self, interval: Duration) -> Self {
+        self.health_check_interval = interval;
+        self
+    }
+
+    /// The bound and interval the transport runs with.
+    pub(crate) fn liveness(&self) -> crate::backplane::liveness::Liveness {
+        crate::backplane::liveness::Liveness::new(self.liveness_timeout, self.health_check_interval)
     }
 }
 
@@ -81,7 +116,12 @@ pub struct RedisConnection {
 struct Inner {
     client: redis::Client,
     options: RedisOptions,
-    manager: OnceCell<ConnectionManager>,
+    /// The command connection and its generation (bumped when the watchdog replaces it).
+    manager: Mutex<Option<(u64, ConnectionManager)>>,
+    /// Whether the command connection was handed out since the watchdog last looked.
+    used: AtomicBool,
+    /// RESP3 answers PING with a plain PONG even on a subscribed connection.
+    resp3: bool,
     display: String,
 }
 
@@ -132,6 +172,7 @@ impl RedisConnection {
         options: RedisOptions,
     ) -> Result<Self, redis::RedisError> {
         let display = format!("{} db {}", info.addr(), info.redis_settings().db());
+        let resp3 = info.redis_settings().protocol() == redis::ProtocolVersion::RESP3;
         let client =
             if options.tls_ca_certificate.is_some() || options.tls_client_certificate.is_some() {
                 let read = |path: &PathBuf| {
@@ -164,7 +205,9 @@ impl RedisConnection {
             inner: Arc::new(Inner {
                 client,
                 options,
-                manager: OnceCell::new(),
+                manager: Mutex::new(None),
+                used: AtomicBool::new(false),
+                resp3,
                 display,
             }),
         })
@@ -185,20 +228,98 @@ impl RedisConnection {
         &self.inner.client
     }
 
+    /// Whether the connection speaks RESP3 (`?protocol=resp3` in the URL).
+    pub(crate) fn is_resp3(&self) -> bool {
+        self.inner.resp3
+    }
+
     /// The shared multiplexed connection (cheap to clone).
+    ///
+    /// redis-rs reconnects it when the socket fails, but not when the server merely stops answering (a
+    /// half-open connection): a watchdog then PINGs it every health-check interval while it is in use, and
+    /// replaces it when a PING is not answered within the liveness bound.
     pub async fn manager(&self) -> Result<ConnectionManager, redis::RedisError> {
-        let o = &self.inner.options;
-        self.inner
-            .manager
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(o.connection_timeout))
-                    .set_response_timeout(Some(o.response_timeout))
-                    .set_number_of_retries(o.reconnect_retries)
-                    .set_max_delay(o.max_reconnect_delay);
-                ConnectionManager::new_lazy_with_config(self.inner.client.clone(), config)
-            })
-            .await
-            .cloned()
+        self.inner.used.store(true, Ordering::Relaxed);
+        let mut slot = self.inner.lock_manager();
+        if let Some((_, manager)) = slot.as_ref() {
+            return Ok(manager.clone());
+        }
+        let manager = self.inner.new_manager()?;
+        *slot = Some((0, manager.clone()));
+        drop(slot);
+        tokio::spawn(watch_commands(Arc::downgrade(&self.inner)));
+        Ok(manager)
+    }
+}
+
+impl Inner {
+    fn lock_manager(&self) -> std::sync::MutexGuard<'_, Option<(u64, ConnectionManager)>> {
+        self.manager.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_manager(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let o = &self.options;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(o.connection_timeout))
+            .set_response_timeout(Some(o.response_timeout))
+            .set_number_of_retries(o.reconnect_retries)
+            .set_max_delay(o.max_reconnect_delay);
+        ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+    }
+}
+
+/// The command connection's watchdog: while the connection is in use, PING it every health-check interval;
+/// one that does not answer within the liveness bound is replaced (the old one closes when its last
+/// in-flight command is done). Ends with the connection.
+async fn watch_commands(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let liveness = strong.options.liveness();
+        drop(strong);
+        tokio::time::sleep(liveness.interval).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if !strong.used.swap(false, Ordering::Relaxed) {
+            continue; // idle: nothing waits on it, nothing to check
+        }
+        let Some((generation, mut manager)) = strong.lock_manager().clone() else {
+            continue;
+        };
+        let endpoint = strong.display.clone();
+        drop(strong);
+        let ping = tokio::time::timeout(
+            liveness.timeout,
+            redis::cmd("PING").query_async::<redis::Value>(&mut manager),
+        )
+        .await;
+        let stuck = match ping {
+            Err(_) => true,
+            Ok(Err(e)) => e.is_timeout(),
+            Ok(Ok(_)) => false,
+        };
+        if !stuck {
+            continue;
+        }
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let mut slot = strong.lock_manager();
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            match strong.new_manager() {
+                Ok(fresh) => {
+                    tracing::warn!(
+                        endpoint = %endpoint,
+                        "redis command connection stopped answering; replacing it"
+                    );
+                    *slot = Some((generation + 1, fresh));
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint = %endpoint, error = %e, "redis command connection cannot be replaced")
+                }
+            }
+        }
     }
 }

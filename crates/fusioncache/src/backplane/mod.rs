@@ -13,6 +13,8 @@
 //! its L1 stale and replay queued notifications.
 
 mod fanout;
+#[cfg(any(feature = "redis", feature = "nats"))]
+pub(crate) mod liveness;
 mod memory;
 mod message;
 #[cfg(feature = "nats")]
@@ -28,6 +30,15 @@ pub use memory::MemoryBackplane;
 pub use message::{
     now_ticks, Action, BackplaneMessage, DecodeError, UNIX_EPOCH_TICKS, WIRE_FORMAT_VERSION,
 };
+
+/// The reserved key of the transports' liveness probes.
+///
+/// When a subscribed channel has been quiet for its health-check interval, the Redis and NATS transports
+/// publish a probe on it: a valid FusionCache v0 *set* message for this key, which no node holds (so a .NET
+/// FusionCache node on the channel logs it at trace level and does nothing). Hearing it back proves that
+/// the subscription still delivers. Transports never hand probes to their subscribers; receivers ignore
+/// the key all the same. Do not use it as a cache key.
+pub const PROBE_KEY: &str = "__fc:probe";
 
 /// The suffix of every channel name; it carries the wire-format family (`v2` as in FusionCache v2).
 pub const CHANNEL_SUFFIX: &str = ".Backplane:v2";

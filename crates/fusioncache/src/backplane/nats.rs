@@ -5,6 +5,11 @@
 //! for all the caches that share it. async-nats owns reconnection (and re-subscription); its connection
 //! events become the `Connected` / `Disconnected` events of every subscription.
 //!
+//! A lost link is reported within [`NatsOptions::liveness_timeout`] (3 s by default): the client PINGs a
+//! quiet connection every third of it, and each quiet subject gets a probe message (see
+//! [`PROBE_KEY`](super::PROBE_KEY)) that must come back through its subscription, so a half-open
+//! connection, a stalled server and a subscription the server dropped are all noticed.
+//!
 //! Authentication and TLS are configured as async-nats users expect: in the URL
 //! (`nats://user:password@host:4222`, `nats://token@host:4222`, `tls://host:4222`) or in [`NatsOptions`]
 //! (credentials file, NKey seed, token, user/password, root CA and client certificate).
@@ -36,6 +41,9 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::fanout::Fanout;
+use super::liveness::{
+    is_probe, probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict,
+};
 use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
 
 /// Checks that `subject` is a valid NATS subject to publish on: non-empty tokens separated by `.`, no
@@ -92,6 +100,17 @@ pub struct NatsOptions {
     pub name: Option<String>,
     /// The longest a connection attempt may take (default 2 s).
     pub connection_timeout: Duration,
+    /// The liveness bound (default 3 s): a connection from which nothing has come for this long (a
+    /// half-open TCP connection, a stalled server) is reported `Disconnected` and reconnected, and so is a
+    /// subject whose subscription heard nothing for this long despite its probe. The client PINGs a quiet
+    /// connection every third of it (async-nats gives up at the third unanswered PING).
+    pub liveness_timeout: Duration,
+    /// How long a subscribed subject may stay quiet before it is probed end to end (default 1 s; each node
+    /// waits up to 1.5× this, at random, so that one node of an idle fleet probes and the others hear it).
+    /// Brought under a third of `liveness_timeout` when larger.
+    pub health_check_interval: Duration,
+    /// Try the servers in the order given, rather than shuffled (default `false`, async-nats' shuffle).
+    pub retain_servers_order: bool,
 }
 
 impl NatsOptions {
@@ -108,7 +127,36 @@ impl NatsOptions {
             client_certificate: None,
             name: None,
             connection_timeout: Duration::from_secs(2),
+            liveness_timeout: Duration::from_secs(3),
+            health_check_interval: Duration::from_secs(1),
+            retain_servers_order: false,
         }
+    }
+
+    /// Sets the liveness bound (see [`liveness_timeout`](Self::liveness_timeout)).
+    #[must_use]
+    pub fn liveness_timeout(mut self, timeout: Duration) -> Self {
+        self.liveness_timeout = timeout;
+        self
+    }
+
+    /// Sets the health-check interval (see [`health_check_interval`](Self::health_check_interval)).
+    #[must_use]
+    pub fn health_check_interval(mut self, interval: Duration) -> Self {
+        self.health_check_interval = interval;
+        self
+    }
+
+    /// Tries the servers in the order given (the first one first), rather than shuffled: e.g. each zone's
+    /// nodes list their zone's server first.
+    #[must_use]
+    pub fn retain_servers_order(mut self, retain: bool) -> Self {
+        self.retain_servers_order = retain;
+        self
+    }
+
+    fn liveness(&self) -> Liveness {
+        Liveness::new(self.liveness_timeout, self.health_check_interval)
     }
 
     /// Authenticates with a `.creds` file.
@@ -229,13 +277,23 @@ impl NatsOptions {
         if let Some(name) = &self.name {
             o = o.name(name);
         }
+        if self.retain_servers_order {
+            o = o.retain_servers_order();
+        }
         Ok(o.connection_timeout(self.connection_timeout)
+            // async-nats closes a connection at the third PING left unanswered.
+            .ping_interval(self.liveness().timeout / 3)
             .reconnect_delay_callback(|attempts| {
-                Duration::from_millis((50u64 << attempts.min(6)).min(2_000))
+                reconnect_backoff(MAX_RECONNECT_DELAY)
+                    .nth(attempts.saturating_sub(1))
+                    .unwrap_or(MAX_RECONNECT_DELAY)
             })
             .retry_on_initial_connect())
     }
 }
+
+/// The longest pause between reconnection attempts, jitter included.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
 /// A backplane over NATS core subjects.
 pub struct NatsBackplane {
@@ -245,6 +303,9 @@ pub struct NatsBackplane {
     forwarders: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     /// The subjects whose subscription has reached the server: only they hear `Connected`.
     ready: Ready,
+    liveness: Liveness,
+    /// This backplane's probe message.
+    probe: Bytes,
     events_task: tokio::task::AbortHandle,
 }
 
@@ -265,6 +326,7 @@ impl NatsBackplane {
     /// Connects with explicit options.
     pub async fn connect_with(options: NatsOptions) -> Result<Self, BackplaneError> {
         let servers = options.servers()?;
+        let liveness = options.liveness();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let connect = options
             .connect_options()
@@ -293,6 +355,8 @@ impl NatsBackplane {
             subscriptions,
             forwarders: Mutex::default(),
             ready,
+            liveness,
+            probe: probe_message(&uuid::Uuid::new_v4().to_string()),
             events_task,
         })
     }
@@ -399,38 +463,144 @@ async fn forward_connection_events(
     }
 }
 
-/// Subscribes (retrying until the connection allows it) and forwards every message to the channel's senders.
-async fn forward_messages(client: Client, subscriptions: Fanout, ready: Ready, subject: String) {
-    let mut delay = Duration::from_millis(50);
-    let mut subscriber = loop {
-        match client.subscribe(subject.clone()).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(%subject, error = %e, "nats subscribe failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+/// What a subject's forwarder needs.
+struct Forwarder {
+    client: Client,
+    subscriptions: Fanout,
+    ready: Ready,
+    subject: String,
+    liveness: Liveness,
+    probe: Bytes,
+}
+
+impl Forwarder {
+    /// Subscribes (retrying until the connection allows it), says `Connected` once the subscription is in
+    /// place, and forwards every message to the subject's subscriptions while watching that it still
+    /// delivers. A subject that stops delivering (see [`watch`](Self::watch)) hears `Disconnected` and is
+    /// subscribed again, `Connected` only once a probe comes back through the new subscription.
+    async fn run(self) {
+        let mut backoff = reconnect_backoff(MAX_RECONNECT_DELAY);
+        let mut subscriber = self.subscribe(&mut backoff).await;
+        // Once the server has the SUB, the subject is live; from then on every (re)connection greets it.
+        // async-nats re-sends the subscription by itself after a reconnection.
+        while !confirm_subscriptions(&self.client, Duration::from_secs(2)).await {
+            tokio::time::sleep(backoff.next().unwrap_or(MAX_RECONNECT_DELAY)).await;
+        }
+        loop {
+            backoff = reconnect_backoff(MAX_RECONNECT_DELAY);
+            self.set_ready(true);
+            if self.client.connection_state() == State::Connected {
+                self.subscriptions
+                    .send_to(&self.subject, BackplaneEvent::Connected)
+                    .await;
+            }
+            let reason = self.watch(&mut subscriber).await;
+            self.set_ready(false);
+            tracing::warn!(subject = %self.subject, %reason, "nats subscription lost; subscribing again");
+            self.subscriptions
+                .send_to(&self.subject, BackplaneEvent::Disconnected { reason })
+                .await;
+            // Subscribe anew (dropping the old subscription unsubscribes it) until a probe comes back.
+            loop {
+                tokio::time::sleep(backoff.next().unwrap_or(MAX_RECONNECT_DELAY)).await;
+                subscriber = self.subscribe(&mut backoff).await;
+                if self.probe_round_trip(&mut subscriber).await {
+                    break;
+                }
             }
         }
-    };
-    // Once the server has the SUB, the subject is live; from then on every (re)connection greets it.
-    // async-nats re-sends the subscription by itself after a reconnection.
-    while !confirm_subscriptions(&client, Duration::from_secs(2)).await {
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
-    ready
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(subject.clone());
-    if client.connection_state() == State::Connected {
-        subscriptions
-            .send_to(&subject, BackplaneEvent::Connected)
-            .await;
+
+    async fn subscribe(
+        &self,
+        backoff: &mut impl Iterator<Item = Duration>,
+    ) -> async_nats::Subscriber {
+        loop {
+            match self.client.subscribe(self.subject.clone()).await {
+                Ok(s) => return s,
+                Err(e) => {
+                    tracing::warn!(subject = %self.subject, error = %e, "nats subscribe failed; retrying");
+                    tokio::time::sleep(backoff.next().unwrap_or(MAX_RECONNECT_DELAY)).await;
+                }
+            }
+        }
     }
-    while let Some(message) = subscriber.next().await {
-        subscriptions
-            .send_to(&subject, BackplaneEvent::Message(message.payload))
-            .await;
+
+    fn set_ready(&self, ready: bool) {
+        let mut set = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        if ready {
+            set.insert(self.subject.clone());
+        } else {
+            set.remove(&self.subject);
+        }
+    }
+
+    /// Forwards messages until the subscription ends or stops delivering: a subject quiet for the
+    /// health-check interval (jittered) gets a probe, and one that heard nothing, probe included, for the
+    /// liveness bound is lost. While the connection itself is down the subject is not judged (the
+    /// connection's events say `Disconnected` and async-nats subscribes again on reconnection).
+    async fn watch(&self, subscriber: &mut async_nats::Subscriber) -> String {
+        let mut quiet = QuietChannel::new(self.liveness);
+        loop {
+            tokio::select! {
+                message = subscriber.next() => {
+                    let Some(message) = message else {
+                        return "subscription closed".into();
+                    };
+                    quiet.heard();
+                    if !is_probe(&message.payload) {
+                        self.subscriptions
+                            .send_to(&self.subject, BackplaneEvent::Message(message.payload))
+                            .await;
+                    }
+                }
+                () = tokio::time::sleep_until(quiet.deadline()) => {
+                    if self.client.connection_state() != State::Connected {
+                        quiet.heard();
+                        continue;
+                    }
+                    match quiet.poll() {
+                        Verdict::Wait => {}
+                        Verdict::Probe => {
+                            if self.client.publish(self.subject.clone(), self.probe.clone()).await.is_err() {
+                                quiet.heard();
+                            }
+                        }
+                        Verdict::Lost => {
+                            return format!(
+                                "subject {} delivered nothing for {} ms, probe included",
+                                self.subject,
+                                quiet.quiet_for().as_millis()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes a probe and waits, up to the liveness bound, for anything to arrive through `subscriber`
+    /// (messages that arrive meanwhile are forwarded).
+    async fn probe_round_trip(&self, subscriber: &mut async_nats::Subscriber) -> bool {
+        if self
+            .client
+            .publish(self.subject.clone(), self.probe.clone())
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        match tokio::time::timeout(self.liveness.timeout, subscriber.next()).await {
+            Ok(Some(message)) => {
+                if !is_probe(&message.payload) {
+                    self.subscriptions
+                        .send_to(&self.subject, BackplaneEvent::Message(message.payload))
+                        .await;
+                }
+                true
+            }
+            Ok(None) | Err(_) => false,
+        }
     }
 }
 
@@ -455,12 +625,15 @@ impl Backplane for NatsBackplane {
                 let _ = tx.try_send(BackplaneEvent::Connected);
             }
         } else {
-            let task = tokio::spawn(forward_messages(
-                self.client.clone(),
-                self.subscriptions.clone(),
-                self.ready.clone(),
-                channel.to_string(),
-            ));
+            let forwarder = Forwarder {
+                client: self.client.clone(),
+                subscriptions: self.subscriptions.clone(),
+                ready: self.ready.clone(),
+                subject: channel.to_string(),
+                liveness: self.liveness,
+                probe: self.probe.clone(),
+            };
+            let task = tokio::spawn(forwarder.run());
             forwarders.insert(channel.to_string(), task.abort_handle());
         }
         Ok(subscription)

@@ -3,9 +3,12 @@
 //! One [`RedisBackplane`] keeps one pub/sub connection for every channel subscribed through it (share it
 //! between the caches of a process with
 //! [`shared_backplane`](crate::FusionCacheBuilder::shared_backplane)) and publishes through the shared
-//! multiplexed connection of its [`RedisConnection`]. The pub/sub connection is watched (the stream ending,
-//! and a periodic PING) and re-established with capped exponential backoff; every subscription hears
-//! `Disconnected` when it drops and `Connected` once its channel is subscribed again.
+//! multiplexed connection of its [`RedisConnection`]. The pub/sub connection is watched (the stream ending;
+//! a PING when it has been quiet; a probe message on each quiet channel, see
+//! [`PROBE_KEY`](super::PROBE_KEY)) so that a lost link is reported within
+//! [`RedisOptions::liveness_timeout`](crate::redis::RedisOptions::liveness_timeout), half-open connections
+//! and stalled servers included, and re-established with jittered exponential backoff; every subscription
+//! hears `Disconnected` when it drops and `Connected` once its channel is subscribed again.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -27,15 +30,19 @@
 //! # let _ = (products, prices); Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::fanout::Fanout;
+use super::liveness::{
+    is_probe, probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict,
+};
 use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
 use crate::redis::RedisConnection;
 
@@ -135,111 +142,245 @@ impl Backplane for RedisBackplane {
     }
 }
 
-/// The pub/sub task: connect, subscribe every channel, forward messages; on loss, tell everyone and retry
-/// with capped exponential backoff. Ends when the backplane is dropped.
+/// The pub/sub task: connect, subscribe every channel, forward messages, watch the link; on loss, tell
+/// everyone and reconnect after a jittered, growing pause. Ends when the backplane is dropped.
 async fn run_pubsub(
     connection: RedisConnection,
     subscriptions: Fanout,
     mut commands: mpsc::UnboundedReceiver<String>,
 ) {
     let options = connection.options().clone();
-    let mut delay = Duration::from_millis(50);
+    let probe = probe_message(&uuid::Uuid::new_v4().to_string());
+    let mut backoff = reconnect_backoff(options.max_reconnect_delay);
     let mut was_connected = false;
     let mut failures = 0u32;
     loop {
-        let attempt = tokio::time::timeout(
-            options.connection_timeout,
-            connection.client().get_async_pubsub(),
-        )
-        .await;
-        let pubsub = match attempt {
-            Ok(Ok(p)) => Some(p),
-            Ok(Err(e)) => {
-                log_failure(&connection, &mut failures, &e.to_string());
-                None
-            }
-            Err(_) => {
-                log_failure(&connection, &mut failures, "connection timed out");
-                None
-            }
-        };
-        let Some(pubsub) = pubsub else {
-            // Drain channel registrations while waiting; they are subscribed on the next connection.
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                cmd = commands.recv() => if cmd.is_none() { return },
-            }
-            delay = (delay * 2).min(options.max_reconnect_delay);
-            continue;
-        };
-        let (mut sink, mut stream) = pubsub.split();
-        let channels = subscriptions.channels();
-        if !channels.is_empty() {
-            if let Err(e) = sink.subscribe(&channels).await {
-                log_failure(&connection, &mut failures, &e.to_string());
+        let session = match connect(&connection, &subscriptions).await {
+            Ok(session) => session,
+            Err(error) => {
+                log_failure(&connection, &mut failures, &error);
+                // Drain channel registrations while waiting; they are subscribed on the next connection.
+                let pause =
+                    tokio::time::sleep(backoff.next().unwrap_or(options.max_reconnect_delay));
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        () = &mut pause => break,
+                        cmd = commands.recv() => if cmd.is_none() { return },
+                    }
+                }
                 continue;
             }
-        }
+        };
         failures = 0;
-        delay = Duration::from_millis(50);
+        backoff = reconnect_backoff(options.max_reconnect_delay);
         tracing::info!(
             endpoint = connection.endpoint(),
-            channels = channels.len(),
+            channels = session.channels.len(),
             reconnected = was_connected,
             "redis pub/sub connected"
         );
         was_connected = true;
-        for channel in &channels {
+        for channel in session.channels.keys() {
             subscriptions
                 .send_to(channel, BackplaneEvent::Connected)
                 .await;
         }
-        let mut subscribed = channels;
-
-        let mut health = tokio::time::interval(options.health_check_interval);
-        health.tick().await;
-        let reason = loop {
-            tokio::select! {
-                msg = stream.next() => match msg {
-                    Some(msg) => {
-                        let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
-                        subscriptions.send_to(msg.get_channel_name(), BackplaneEvent::Message(payload)).await;
-                    }
-                    None => break "connection closed".to_string(),
-                },
-                cmd = commands.recv() => match cmd {
-                    None => return,
-                    Some(channel) => {
-                        if subscribed.contains(&channel) {
-                            subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
-                            continue;
-                        }
-                        match sink.subscribe(&channel).await {
-                            Ok(()) => {
-                                subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
-                                subscribed.push(channel);
-                            }
-                            Err(e) => break e.to_string(),
-                        }
-                    }
-                },
-                _ = health.tick() => {
-                    let ping = tokio::time::timeout(options.response_timeout, sink.ping::<redis::Value>()).await;
-                    match ping {
-                        Ok(Ok(reply)) => if let Err(e) = check_pong(&reply, !subscribed.is_empty()) {
-                            break format!("health check failed: {e}");
-                        },
-                        Ok(Err(e)) => break format!("health check failed: {e}"),
-                        Err(_) => break "health check timed out".to_string(),
-                    }
-                }
-            }
+        let Some(reason) = session
+            .run(&connection, &subscriptions, &mut commands, &probe)
+            .await
+        else {
+            return;
         };
         tracing::warn!(endpoint = connection.endpoint(), %reason, "redis pub/sub disconnected; reconnecting");
         subscriptions
             .send_all(BackplaneEvent::Disconnected { reason })
             .await;
+        // Even the first attempt waits a little, at random: a fleet that lost its server together does not
+        // come back in lockstep.
+        tokio::time::sleep(backoff.next().unwrap_or(options.max_reconnect_delay)).await;
     }
+}
+
+/// Opens the pub/sub connection and subscribes every channel, within the connection and response timeouts.
+async fn connect(connection: &RedisConnection, subscriptions: &Fanout) -> Result<Session, String> {
+    let options = connection.options();
+    let pubsub = tokio::time::timeout(
+        options.connection_timeout,
+        connection.client().get_async_pubsub(),
+    )
+    .await
+    .map_err(|_| "connection timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let (mut sink, stream) = pubsub.split();
+    let channels = subscriptions.channels();
+    if !channels.is_empty() {
+        tokio::time::timeout(options.response_timeout, sink.subscribe(&channels))
+            .await
+            .map_err(|_| "SUBSCRIBE timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    let liveness = options.liveness();
+    Ok(Session {
+        sink,
+        stream,
+        liveness,
+        channels: channels
+            .into_iter()
+            .map(|c| (c, QuietChannel::new(liveness)))
+            .collect(),
+    })
+}
+
+type PingReply = Result<redis::Value, redis::RedisError>;
+
+/// One pub/sub connection, its subscribed channels and their watches.
+struct Session {
+    sink: redis::aio::PubSubSink,
+    stream: redis::aio::PubSubStream,
+    liveness: Liveness,
+    channels: HashMap<String, QuietChannel>,
+}
+
+impl Session {
+    /// Forwards messages and subscribes new channels until the link is lost (the reason) or the backplane
+    /// is dropped (`None`).
+    ///
+    /// The connection is alive while frames come: after `interval` of quiet it gets a PING, and without any
+    /// frame for `timeout` it is lost. Each channel is watched end to end: after `interval` (jittered) of
+    /// quiet a probe is published on it through the command connection, and a channel that heard nothing
+    /// for `timeout` is lost.
+    async fn run(
+        mut self,
+        connection: &RedisConnection,
+        subscriptions: &Fanout,
+        commands: &mut mpsc::UnboundedReceiver<String>,
+        probe: &Bytes,
+    ) -> Option<String> {
+        let liveness = self.liveness;
+        let expects_pong_array = !connection.is_resp3();
+        let mut alive_at = Instant::now();
+        let mut ping: Option<BoxFuture<'static, PingReply>> = None;
+        let mut probes = tokio::task::JoinSet::new();
+        loop {
+            let mut wake = alive_at + liveness.timeout;
+            if ping.is_none() {
+                wake = wake.min(alive_at + liveness.interval);
+            }
+            if let Some(channel) = self.channels.values().map(QuietChannel::deadline).min() {
+                wake = wake.min(channel);
+            }
+            let pinging = async {
+                match ping.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                msg = self.stream.next() => {
+                    let Some(msg) = msg else { return Some("connection closed".into()) };
+                    alive_at = Instant::now();
+                    let channel = msg.get_channel_name();
+                    if let Some(watch) = self.channels.get_mut(channel) {
+                        watch.heard();
+                    }
+                    let payload = msg.get_payload_bytes();
+                    if !is_probe(payload) {
+                        let payload = Bytes::copy_from_slice(payload);
+                        subscriptions.send_to(channel, BackplaneEvent::Message(payload)).await;
+                    }
+                }
+                cmd = commands.recv() => {
+                    let channel = cmd?;
+                    if self.channels.contains_key(&channel) {
+                        subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
+                        continue;
+                    }
+                    let subscribed = tokio::time::timeout(
+                        connection.options().response_timeout,
+                        self.sink.subscribe(&channel),
+                    )
+                    .await;
+                    match subscribed {
+                        Ok(Ok(())) => {
+                            alive_at = Instant::now();
+                            subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
+                            self.channels.insert(channel, QuietChannel::new(liveness));
+                        }
+                        Ok(Err(e)) => return Some(format!("SUBSCRIBE {channel} failed: {e}")),
+                        Err(_) => return Some(format!("SUBSCRIBE {channel} timed out")),
+                    }
+                }
+                reply = pinging => {
+                    ping = None;
+                    match reply {
+                        Ok(reply) => {
+                            let subscribed = expects_pong_array && !self.channels.is_empty();
+                            if let Err(e) = check_pong(&reply, subscribed) {
+                                return Some(format!("health check failed: {e}"));
+                            }
+                            alive_at = Instant::now();
+                        }
+                        Err(e) => return Some(format!("health check failed: {e}")),
+                    }
+                }
+                sent = probes.join_next(), if !probes.is_empty() => {
+                    if let Some(Ok((channel, false))) = sent {
+                        // The probe could not be published: the channel cannot be judged now (the
+                        // connection's own check still runs).
+                        if let Some(watch) = self.channels.get_mut(&channel) {
+                            watch.heard();
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    if now >= alive_at + liveness.timeout {
+                        return Some(format!(
+                            "no reply from the server for {} ms",
+                            liveness.timeout.as_millis()
+                        ));
+                    }
+                    if ping.is_none() && now >= alive_at + liveness.interval {
+                        let mut sink = self.sink.clone();
+                        ping = Some(Box::pin(async move { sink.ping::<redis::Value>().await }));
+                    }
+                    for (channel, watch) in &mut self.channels {
+                        match watch.poll() {
+                            Verdict::Wait => {}
+                            Verdict::Probe => {
+                                probes.spawn(publish_probe(connection.clone(), channel.clone(), probe.clone()));
+                            }
+                            Verdict::Lost => {
+                                return Some(format!(
+                                    "channel {channel} delivered nothing for {} ms, probe included",
+                                    watch.quiet_for().as_millis()
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a probe on `channel` through the command connection; `(channel, sent)`.
+async fn publish_probe(
+    connection: RedisConnection,
+    channel: String,
+    probe: Bytes,
+) -> (String, bool) {
+    let sent = match connection.manager().await {
+        Ok(mut conn) => redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(probe.as_ref())
+            .query_async::<i64>(&mut conn)
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    (channel, sent)
 }
 
 /// Checks the reply to a PING sent on the pub/sub connection. A connection in subscribed mode answers
