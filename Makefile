@@ -5,15 +5,18 @@
 #   make demo BACKPLANE=nats://HOST:PORT [L2=redis://HOST:PORT]   NATS backplane (+ Redis L2)
 #   make test                     installs what tests need, then every check CI runs
 #   make bench                    benchmarks, printed as tables with ratios against raw baselines
+#   make coherence                N node processes under faults: stale reads, lost writes, convergence (not in CI)
+#                                 COHERENCE_ARGS="--redis-url redis://… --nats-url nats://…" measures your servers
 #   make crd                      regenerates manifests/crd.yaml (and the chart's copy) from the Rust types
 #   make install-manifest         regenerates manifests/install.yaml from the chart
 
 CARGO ?= cargo
 BACKPLANE ?=
 L2 ?=
+COHERENCE_ARGS ?=
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps fmt-check clippy unit chart bench bench-engine bench-redis bench-nats crd install-manifest fuzz
+.PHONY: demo test deps fmt-check clippy unit chart bench bench-engine bench-redis bench-nats coherence crd install-manifest fuzz
 
 demo:
 	$(CARGO) run -q -p fusioncache --example demo -- $(BACKPLANE) $(L2)
@@ -48,6 +51,11 @@ bench-redis:
 bench-nats:
 	$(CARGO) build --release -p fusioncache-integration-tests --bin transport-bench
 	./target/release/transport-bench nats
+
+# The coherence checker: every scenario on loopback servers (about 5 minutes), or yours with COHERENCE_ARGS.
+coherence:
+	$(CARGO) build --release -p fusioncache-coherence
+	./target/release/fusioncache-coherence $(COHERENCE_ARGS)
 
 # Coverage-guided fuzzing of the message decoder (needs cargo-fuzz: `cargo install cargo-fuzz`).
 fuzz:

@@ -175,6 +175,12 @@ impl NatsServer {
         self.proc_.kill();
     }
 
+    /// Stops the server gracefully (SIGTERM, as a service manager does) and
+    /// waits up to 10 s for it to exit, then kills it. Idempotent.
+    pub fn shutdown(&mut self) {
+        self.proc_.terminate(Duration::from_secs(10));
+    }
+
     /// Stalls the server (SIGSTOP): its sockets stay open and the kernel
     /// still accepts bytes, but nothing is answered until
     /// [`resume`](Self::resume). A no-op while stopped.

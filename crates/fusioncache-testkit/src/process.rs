@@ -82,6 +82,20 @@ impl Proc {
         }
     }
 
+    /// Asks the process to exit (SIGTERM, after a SIGCONT in case it is
+    /// stalled), waits up to `grace` for it, then kills it. Never panics.
+    pub(crate) fn terminate(&self, grace: Duration) {
+        let _ = self.signal(libc::SIGCONT);
+        if self.signal(libc::SIGTERM).is_ok() {
+            let deadline = Instant::now() + grace;
+            while self.exit_status().is_none() && self.pid().is_some() && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill();
+    }
+
     /// Kills the process by PID (SIGKILL) and waits for it. Idempotent, never
     /// panics.
     pub(crate) fn kill(&self) {

@@ -183,3 +183,17 @@ fn stall_stops_answering_and_resume_answers_what_was_sent() {
     drop(redis);
     assert!(!proc_exists(pid));
 }
+
+#[test]
+fn shutdown_stops_gracefully_even_when_stalled_and_restart_brings_it_back() {
+    let mut redis = RedisServer::start().expect("start redis");
+    let pid = redis.pid().unwrap();
+    redis.stall().unwrap();
+    redis.shutdown();
+    assert_eq!(redis.pid(), None);
+    assert!(!proc_exists(pid));
+    let log = std::fs::read_to_string(redis.log_path()).unwrap();
+    assert!(log.contains("SIGTERM"), "a graceful stop: {log}");
+    redis.restart().unwrap();
+    assert_eq!(redis.command(&["PING"]).unwrap(), "+PONG\r\n");
+}
