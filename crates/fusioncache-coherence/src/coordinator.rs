@@ -269,7 +269,7 @@ fn conditions(args: &RunArgs) -> String {
     format!(
         "coherence: {} node processes, {} hot keys, {} ops/s per node ({:.0}% awaited writes), fault at {} s, \
          convergence window {} s; servers: {}; library defaults (liveness bound 3 s); load average {load}\n\
-         staleness percentiles are over the stale reads; `late` = stale reads that began > 1 s after the fault ended",
+         staleness percentiles are over the stale reads; `late` = reads stale by > 50 ms that began > 1 s after the fault ended",
         args.nodes,
         args.keys,
         args.rate,
