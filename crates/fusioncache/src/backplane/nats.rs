@@ -543,6 +543,7 @@ impl Forwarder {
         let mut quiet = QuietChannel::new(self.liveness);
         loop {
             tokio::select! {
+                biased;
                 message = subscriber.next() => {
                     let Some(message) = message else {
                         return "subscription closed".into();

@@ -277,6 +277,9 @@ impl Session {
                 }
             };
             tokio::select! {
+                // Messages first: a timer that fires while messages wait (the cache was slow to take them)
+                // must not call a busy connection dead.
+                biased;
                 msg = self.stream.next() => {
                     let Some(msg) = msg else { return Some("connection closed".into()) };
                     alive_at = Instant::now();
