@@ -172,22 +172,32 @@ async fn a_black_holed_nats_node_is_disconnected_within_the_bound_then_reconnect
     converged(&[&b, &c], "k", "v3").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_redis_server_is_detected_within_the_bound_and_recovered() {
-    let server = RedisServer::start().unwrap();
-    let nodes: Vec<_> = (0..3).map(|_| redis_node(&server.url())).collect();
+/// Stalls the backplane server of `nodes`: every node reports `Disconnected` within the bound; once the
+/// server is resumed they reconnect and converge.
+async fn a_stall_is_detected_and_recovered(
+    nodes: &[FusionCache<String>],
+    stall: impl FnOnce() -> std::io::Result<()>,
+    resume: impl FnOnce() -> std::io::Result<()>,
+) {
     let refs: Vec<&FusionCache<String>> = nodes.iter().collect();
     connected(&refs).await;
     nodes[0].set("k", s("v1")).await.unwrap();
     converged(&refs, "k", "v1").await;
 
     let stalled = Instant::now();
-    server.stall().unwrap();
+    stall().unwrap();
     disconnected_within_the_bound(stalled, &refs, "SIGSTOP").await;
-    server.resume().unwrap();
+    resume().unwrap();
     connected(&refs).await;
     nodes[1].set("k", s("v2")).await.unwrap();
     converged(&refs, "k", "v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_server_is_detected_within_the_bound_and_recovered() {
+    let server = RedisServer::start().unwrap();
+    let nodes: Vec<_> = (0..3).map(|_| redis_node(&server.url())).collect();
+    a_stall_is_detected_and_recovered(&nodes, || server.stall(), || server.resume()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,18 +209,7 @@ async fn a_stalled_nats_server_is_detected_within_the_bound_and_recovered() {
     for _ in 0..3 {
         nodes.push(nats_node(&nats.url(), Some(&redis.url()), "products", opts.clone()).await);
     }
-    let refs: Vec<&FusionCache<String>> = nodes.iter().collect();
-    connected(&refs).await;
-    nodes[0].set("k", s("v1")).await.unwrap();
-    converged(&refs, "k", "v1").await;
-
-    let stalled = Instant::now();
-    nats.stall().unwrap();
-    disconnected_within_the_bound(stalled, &refs, "SIGSTOP").await;
-    nats.resume().unwrap();
-    connected(&refs).await;
-    nodes[2].set("k", s("v2")).await.unwrap();
-    converged(&refs, "k", "v2").await;
+    a_stall_is_detected_and_recovered(&nodes, || nats.stall(), || nats.resume()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,18 +149,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
                 Some(value),
             ));
         } else {
-            let t0 = now_ns();
-            let read = cache.try_get(key).await;
-            let ok = read.is_ok();
-            ops.push(op(
-                Kind::Read,
-                Phase::Load,
-                args.id,
-                key,
-                t0,
-                ok,
-                read.ok().flatten(),
-            ));
+            ops.push(read(&cache, args.id, key, Phase::Load).await);
         }
         // Paced, never bursting to catch up after a slow operation.
         next = (next + interval).max(now_ns());
@@ -168,18 +157,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
     let converge_end = load_end + converge;
     while now_ns() < converge_end {
         for key in &keys {
-            let t0 = now_ns();
-            let read = cache.try_get(key).await;
-            let ok = read.is_ok();
-            ops.push(op(
-                Kind::Read,
-                Phase::Converge,
-                args.id,
-                key,
-                t0,
-                ok,
-                read.ok().flatten(),
-            ));
+            ops.push(read(&cache, args.id, key, Phase::Converge).await);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -192,6 +170,14 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
     std::fs::write(&args.out, text).map_err(|e| format!("{}: {e}", args.out.display()))?;
     println!("done");
     Ok(())
+}
+
+/// One timed `try_get`.
+async fn read(cache: &FusionCache<String>, node: usize, key: &str, phase: Phase) -> Op {
+    let t0 = now_ns();
+    let read = cache.try_get(key).await;
+    let ok = read.is_ok();
+    op(Kind::Read, phase, node, key, t0, ok, read.ok().flatten())
 }
 
 fn op(
