@@ -77,8 +77,8 @@ pub fn validate_subject(subject: &str) -> Result<(), BackplaneError> {
     Ok(())
 }
 
-/// How to connect to NATS.
-#[derive(Debug, Clone)]
+/// How to connect to NATS. Its `Debug` output shows no secret (URL credentials, token, password, seed).
+#[derive(Clone)]
 pub struct NatsOptions {
     /// Server URLs, comma separated (`nats://`, `tls://`; credentials may be inline).
     pub url: String,
@@ -111,6 +111,36 @@ pub struct NatsOptions {
     pub health_check_interval: Duration,
     /// Try the servers in the order given, rather than shuffled (default `false`, async-nats' shuffle).
     pub retain_servers_order: bool,
+}
+
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |present: bool| if present { "<set>" } else { "<none>" };
+        // `scheme://user:password@host` → `scheme://***@host`.
+        let url: Vec<String> = self
+            .url
+            .split(',')
+            .map(|u| match (u.find("://"), u.rfind('@')) {
+                (Some(s), Some(at)) if at > s => format!("{}***{}", &u[..s + 3], &u[at..]),
+                _ => u.to_string(),
+            })
+            .collect();
+        f.debug_struct("NatsOptions")
+            .field("url", &url.join(","))
+            .field("credentials_file", &self.credentials_file)
+            .field("nkey_seed", &set(self.nkey_seed.is_some()))
+            .field("token", &set(self.token.is_some()))
+            .field("user_password", &set(self.user_password.is_some()))
+            .field("tls_required", &self.tls_required)
+            .field("root_certificates", &self.root_certificates)
+            .field("client_certificate", &self.client_certificate)
+            .field("name", &self.name)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("liveness_timeout", &self.liveness_timeout)
+            .field("health_check_interval", &self.health_check_interval)
+            .field("retain_servers_order", &self.retain_servers_order)
+            .finish()
+    }
 }
 
 impl NatsOptions {
@@ -665,6 +695,22 @@ impl Backplane for NatsBackplane {
 #[cfg(test)]
 mod tests {
     use super::validate_subject;
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let options = super::NatsOptions::new("nats://app:s3cret@n1:4222,nats://tok3n@n2:4222")
+            .token("t0ken")
+            .user_and_password("u", "pa55")
+            .nkey("SUAseed");
+        let text = format!("{options:?}");
+        for secret in ["s3cret", "tok3n", "t0ken", "pa55", "SUAseed"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(
+            text.contains("n1:4222") && text.contains("n2:4222"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn channel_names_are_checked_as_nats_subjects() {
