@@ -71,6 +71,18 @@ impl Report {
         self.staleness[rank.clamp(1, self.staleness.len()) - 1]
     }
 
+    /// The staleness at quantile `q` of every served read (a fresh read counts 0), nearest rank (ns).
+    pub fn served_quantile(&self, q: f64) -> u64 {
+        let served = self.reads - self.read_errors;
+        let fresh = served - self.stale();
+        let rank = ((q * served as f64).ceil() as usize).clamp(1, served.max(1));
+        if rank <= fresh {
+            0
+        } else {
+            self.staleness[(rank - fresh - 1).min(self.stale().saturating_sub(1))]
+        }
+    }
+
     /// Stale reads staler than `ns`.
     pub fn stale_over(&self, ns: u64) -> usize {
         self.staleness.len() - self.staleness.partition_point(|s| *s <= ns)
@@ -280,6 +292,9 @@ mod tests {
         assert_eq!(report.staleness_quantile(0.5), 10);
         assert_eq!(report.staleness_quantile(1.0), 40);
         assert_eq!(report.stale_over(10), 1);
+        assert_eq!(report.served_quantile(0.5), 0, "3 of 5 reads are fresh");
+        assert_eq!(report.served_quantile(0.7), 10);
+        assert_eq!(report.served_quantile(1.0), 40);
         assert!((report.stale_share() - 0.4).abs() < 1e-9);
     }
 

@@ -53,7 +53,7 @@ pub struct RedisOptions {
     /// fail-safe and auto-recovery).
     pub reconnect_retries: usize,
     /// The longest pause between reconnection attempts of the pub/sub connection, jitter included
-    /// (default 2 s). Pauses grow exponentially from 50 ms, with random jitter so that a fleet does not
+    /// (default 1 s). Pauses grow exponentially from 50 ms, with random jitter so that a fleet does not
     /// reconnect in lockstep.
     pub max_reconnect_delay: Duration,
     /// How long a link may stay quiet before it is checked (default 1 s): the pub/sub connection gets a
@@ -77,7 +77,7 @@ impl Default for RedisOptions {
             connection_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(2),
             reconnect_retries: 1,
-            max_reconnect_delay: Duration::from_secs(2),
+            max_reconnect_delay: Duration::from_secs(1),
             health_check_interval: Duration::from_secs(1),
             liveness_timeout: Duration::from_secs(3),
             tls_ca_certificate: None,

@@ -322,8 +322,10 @@ impl NatsOptions {
     }
 }
 
-/// The longest pause between reconnection attempts, jitter included.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+/// The longest pause between reconnection attempts, jitter included. Short: nodes that come back at
+/// different times miss each other's notifications in between (each one's queue is replayed only when it
+/// is back), so the spread of the fleet's reconnections bounds the staleness after an outage.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
 /// A backplane over NATS core subjects.
 pub struct NatsBackplane {
