@@ -32,21 +32,27 @@
 //! core builds with neither.
 #![warn(missing_docs)]
 
+mod auto_recovery;
 pub mod backplane;
+mod backplane_accessor;
 mod builder;
 mod cache;
+mod circuit_breaker;
 pub mod config;
 mod connect;
-mod entry;
 mod error;
 pub mod events;
+mod factory;
+mod guard;
+mod l1;
 pub mod l2;
+mod l2_accessor;
 mod options;
-mod receiver;
-mod recovery;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod serializer;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use builder::FusionCacheBuilder;
 pub use cache::{BackplaneState, FusionCache};
