@@ -221,8 +221,14 @@ async fn a_blocked_cache_does_not_stall_the_others(
     // Health checks (every 500 ms on Redis here) went on meanwhile: no disconnection.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(fast.stats().backplane_reconnects, 0);
-    assert_eq!(fast.backplane_state(), fusioncache::BackplaneState::Connected);
-    assert!(slow.stats().backplane_received <= 1, "the slow one is still stuck");
+    assert_eq!(
+        fast.backplane_state(),
+        fusioncache::BackplaneState::Connected
+    );
+    assert!(
+        slow.stats().backplane_received <= 1,
+        "the slow one is still stuck"
+    );
     blocked.store(false, Ordering::SeqCst);
     assert!(
         eventually(|| slow.stats().backplane_overflows >= 1 && slow.stats().l1_mark_all_stale >= 1)

@@ -385,7 +385,7 @@ where
             match l2.read_envelope(&key, true).await {
                 Ok((Some(env), _)) if env.timestamp > item.timestamp => {
                     recovery.finish(&key, item.seq, Err(DropReason::Superseded));
-                    inner.refresh_from_envelope(&hold, &key, env);
+                    inner.refresh_from_envelope(&hold, env).await;
                     continue;
                 }
                 Ok(_) => {}

@@ -25,9 +25,10 @@ use tokio::sync::watch;
 use crate::backplane::{
     Action, Backplane, BackplaneError, BackplaneEvent, BackplaneMessage, Subscription,
 };
-use crate::cache::{BackplaneState, Inner, CLEAR_KEY};
+use crate::cache::{BackplaneState, Inner};
 use crate::circuit_breaker::CircuitBreaker;
 use crate::events::{CacheEvent, Counters, Telemetry};
+use crate::tags::{INTERNAL_KEY_PREFIX, TAG_KEY_PREFIX};
 
 /// The backplane of one cache: its channel, its publish path and its connection state.
 pub(crate) struct BackplaneAccessor {
@@ -138,6 +139,7 @@ where
             inner.mark_all_stale();
         }
         match event {
+            BackplaneEvent::Message(_) if inner.options.ignore_incoming_notifications => {}
             BackplaneEvent::Message(payload) => apply(&inner, &payload),
             // Transports may repeat `Connected`; only a transition counts.
             BackplaneEvent::Connected if connected => {}
@@ -208,7 +210,14 @@ where
     }
     let guard = &inner.guard;
     match msg.action {
-        Action::Set if key == CLEAR_KEY => inner.l1.clear(),
+        // A tag removal or a clear (`*`, `!`): entries with the tag written until then are gone.
+        Action::Set if key.starts_with(TAG_KEY_PREFIX) => {
+            if let Some(state) = inner.l1.tags().existing(&key[TAG_KEY_PREFIX.len()..]) {
+                state.removed(ts);
+            }
+        }
+        // Other internal keys (liveness probes): nothing to apply, not counted as notifications.
+        _ if key.starts_with(INTERNAL_KEY_PREFIX) => return,
         Action::Set => {
             let older = guard.observe(key, ts, || inner.l1.mark_stale(key, |e| e.timestamp < ts));
             if older && inner.l2.is_some() {

@@ -20,6 +20,7 @@ use crate::l2::DistributedCache;
 use crate::l2_accessor::L2Accessor;
 use crate::options::{CacheOptions, EntryOptions};
 use crate::serializer::{JsonSerializer, Serializer};
+use crate::tags::Tags;
 
 /// A distributed cache and the serializer of its values.
 type L2Parts<V> = (Arc<dyn DistributedCache>, Arc<dyn Serializer<V>>);
@@ -155,6 +156,27 @@ where
     /// The longest any entry stays in L1 memory, fail-safe window included (default 24 h).
     pub fn l1_max_retention(mut self, retention: Duration) -> Self {
         self.options.l1_max_retention = retention;
+        self
+    }
+
+    /// What a tag removal does to the entries carrying the tag (default: expire them, so they remain
+    /// fail-safe fallbacks).
+    pub fn remove_by_tag_behavior(mut self, behavior: crate::tags::RemoveByTagBehavior) -> Self {
+        self.options.remove_by_tag_behavior = behavior;
+        self
+    }
+
+    /// How long tag removal and clear timestamps are kept in L2 (default 7 days; see
+    /// [`CacheOptions::tag_retention`]).
+    pub fn tag_retention(mut self, retention: Duration) -> Self {
+        self.options.tag_retention = retention;
+        self
+    }
+
+    /// Publish-only: this node's changes are still sent to the others, but their notifications are not
+    /// applied here (FusionCache's `IgnoreIncomingBackplaneNotifications`).
+    pub fn ignore_incoming_notifications(mut self, ignore: bool) -> Self {
+        self.options.ignore_incoming_notifications = ignore;
         self
     }
 
@@ -299,6 +321,7 @@ where
                 options.l1_max_capacity,
                 options.l1_max_retention,
                 options.l1_max_duration,
+                Tags::new(options.remove_by_tag_behavior),
             ),
             refreshes: Arc::new(Semaphore::new(options.max_concurrent_refreshes.max(1))),
             options,

@@ -13,21 +13,17 @@ use std::time::Duration;
 use quanta::Instant;
 use tokio::sync::Semaphore;
 
-use crate::auto_recovery::{AutoRecovery, PendingRead, RecoveryItem};
+use crate::auto_recovery::AutoRecovery;
 use crate::backplane::{now_ticks, Action};
 use crate::backplane_accessor::BackplaneAccessor;
 use crate::error::{BoxError, Error};
 use crate::events::{CacheEvent, CacheStats, Counters, Telemetry};
-use crate::factory::KeyLocks;
-use crate::guard::{Hold, KeyGuard};
-use crate::l1::{L1Lookup, Lifetime, L1};
-use crate::l2::{l2_envelope_now_ms, L2Envelope};
-use crate::l2_accessor::{L2Accessor, L2Entry, L2Read, L2Write};
+use crate::factory::{FactoryContext, KeyLocks};
+use crate::guard::KeyGuard;
+use crate::l1::{L1Lookup, L1};
+use crate::l2_accessor::{L2Accessor, L2Write};
 use crate::options::{CacheOptions, EntryOptions};
 use crate::FusionCacheBuilder;
-
-/// The reserved key on which `clear` travels as a *set* message, so it stays inside the wire format.
-pub(crate) const CLEAR_KEY: &str = "__fc:t:*";
 
 /// The state of a cache's backplane subscription.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,31 +308,81 @@ where
         .await
     }
 
-    /// Empties L1 and L2 and tells the other nodes to empty their L1.
-    pub async fn clear(&self) -> Result<(), Error> {
-        let inner = &self.inner;
-        inner.l1.clear();
-        inner.telemetry.emit(|| CacheEvent::Clear);
-        let options = &inner.default_entry_options;
-        let l2_result = match &inner.l2 {
-            Some(l2) if !options.skip_l2 => l2.clear().await,
-            _ => Ok(()),
-        };
-        if let Err(error) = l2_result {
-            return Err(Error::L2(error));
+    /// Removes every entry carrying `tag`, on every node (FusionCache's `RemoveByTag`): the removal is a
+    /// timestamp stored in L2 under `__fc:t:{tag}` and announced as a *set* notification on that key, so
+    /// it is O(1) whatever the number of entries; entries written later survive. What "removed" means is
+    /// the cache's [`RemoveByTagBehavior`](crate::RemoveByTagBehavior) (default: expired, still usable as
+    /// fail-safe fallbacks). An empty tag is a no-op; so, in effect, is a tag no entry carries.
+    pub async fn remove_by_tag(&self, tag: &str) -> Result<(), Error> {
+        self.remove_by_tags([tag]).await
+    }
+
+    /// [`remove_by_tag`](Self::remove_by_tag) for several tags.
+    pub async fn remove_by_tags<T: AsRef<str>>(
+        &self,
+        tags: impl IntoIterator<Item = T>,
+    ) -> Result<(), Error> {
+        for tag in tags {
+            let tag = tag.as_ref();
+            if tag.is_empty() {
+                continue;
+            }
+            Counters::incr(&self.inner.telemetry.counters.removes_by_tag);
+            self.inner
+                .telemetry
+                .emit(|| CacheEvent::RemoveByTag { tag });
+            Inner::remove_tag(&self.inner, tag).await?;
         }
-        let hold = inner.guard.hold(CLEAR_KEY, Some(now_ticks()));
-        let publish_only = options.clone().skip_l2(true);
-        Inner::distribute(inner, hold, Action::Set, now_ticks(), None, &publish_only).await
+        Ok(())
+    }
+
+    /// Expires every entry, on every node: `clear_with(true)`, FusionCache's default `Clear()`. Entries
+    /// stay usable as fail-safe fallbacks; nothing is deleted from L2. See [`clear_with`](Self::clear_with).
+    pub async fn clear(&self) -> Result<(), Error> {
+        self.clear_with(true).await
+    }
+
+    /// Clears the cache on every node, as FusionCache does: with `allow_fail_safe`, every entry written
+    /// before now counts as expired (still a fail-safe fallback; the tag `*`), without it as removed (the
+    /// tag `!`). Like a tag removal it is one timestamp in L2 (`__fc:t:*` or `__fc:t:!`) plus one *set*
+    /// notification, O(1) whatever the cache size, honoured by nodes started later; entries written
+    /// afterwards survive. It never deletes a key from L2 (see
+    /// [`RedisDistributedCache::purge`](crate::l2::redis::RedisDistributedCache::purge) to reclaim memory).
+    pub async fn clear_with(&self, allow_fail_safe: bool) -> Result<(), Error> {
+        let inner = &self.inner;
+        let tag = if allow_fail_safe {
+            crate::tags::CLEAR_EXPIRE_TAG
+        } else {
+            // Nothing in L1 can serve any more: free it now.
+            inner.l1.clear();
+            crate::tags::CLEAR_REMOVE_TAG
+        };
+        inner
+            .telemetry
+            .emit(|| CacheEvent::Clear { allow_fail_safe });
+        Inner::remove_tag(inner, tag).await
     }
 
     /// The value of `key`, or the factory's, which is then cached. See
     /// [`get_or_set_with`](Self::get_or_set_with).
+    ///
+    /// The factory may borrow (it is awaited in place):
+    ///
+    /// ```
+    /// # use fusioncache::FusionCache;
+    /// # struct Db; impl Db { async fn load_product(&self, id: u32) -> Result<String, std::io::Error> { Ok(format!("product {id}")) } }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), fusioncache::Error> {
+    /// let db = Db;
+    /// let products: FusionCache<String> = FusionCache::builder().build()?;
+    /// let p = products.get_or_set("product:42", || async { db.load_product(42).await }).await?;
+    /// assert_eq!(p, "product 42");
+    /// # Ok(()) }
+    /// ```
     pub async fn get_or_set<F, Fut, E>(&self, key: &str, factory: F) -> Result<V, Error>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V, E>> + Send + 'static,
-        E: Into<BoxError> + Send + 'static,
+        Fut: Future<Output = Result<V, E>>,
+        E: Into<BoxError>,
     {
         self.get_or_set_with(key, &self.inner.default_entry_options, factory)
             .await
@@ -348,6 +394,10 @@ where
     /// result. With fail-safe on, a failing or timed-out factory is answered with the last known value. A
     /// factory run that raced a change of its key (a `set`, `remove` or `expire` here, or a notification
     /// from another node) returns its value to the caller but does not cache it.
+    ///
+    /// The factory is awaited in place, so it may borrow; past a factory timeout it is cancelled. For a
+    /// factory that goes on in the background after a timeout, or for eager refresh, use
+    /// [`get_or_set_detached`](Self::get_or_set_detached).
     pub async fn get_or_set_with<F, Fut, E>(
         &self,
         key: &str,
@@ -356,8 +406,40 @@ where
     ) -> Result<V, Error>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V, E>> + Send + 'static,
-        E: Into<BoxError> + Send + 'static,
+        Fut: Future<Output = Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        self.get_or_set_adaptive(key, options, |_| factory()).await
+    }
+
+    /// [`get_or_set_with`](Self::get_or_set_with) with adaptive caching: the factory gets a
+    /// [`FactoryContext`] to decide the entry's tags (and duration) from what it loaded.
+    ///
+    /// ```
+    /// # use fusioncache::{EntryOptions, FusionCache};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), fusioncache::Error> {
+    /// let cache: FusionCache<String> = FusionCache::builder().build()?;
+    /// let options = EntryOptions::new();
+    /// let p = cache
+    ///     .get_or_set_adaptive("product:42", &options, |ctx| async move {
+    ///         ctx.set_tags(["category:books"]); // known only once loaded
+    ///         Ok::<_, std::io::Error>("Rust in Action".to_string())
+    ///     })
+    ///     .await?;
+    /// cache.remove_by_tag("category:books").await?;
+    /// assert_eq!(cache.get("product:42").await, None);
+    /// # let _ = p; Ok(()) }
+    /// ```
+    pub async fn get_or_set_adaptive<F, Fut, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        factory: F,
+    ) -> Result<V, Error>
+    where
+        F: FnOnce(FactoryContext) -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+        E: Into<BoxError>,
     {
         let inner = &self.inner;
         if let L1Lookup::Fresh(v) = inner.lookup_l1(key) {
@@ -365,7 +447,39 @@ where
             return Ok(v);
         }
         // The slow path is boxed so that the future of a hit stays small (it is moved on every call).
-        Box::pin(Inner::get_or_set_slow(inner, key, options, factory)).await
+        Box::pin(Inner::get_or_set_inline(inner, key, options, factory)).await
+    }
+
+    /// [`get_or_set_adaptive`](Self::get_or_set_adaptive) for a factory that owns what it uses
+    /// (`'static`): it can run detached from the caller, so that a factory slower than its soft or hard
+    /// timeout completes in the background and updates the cache
+    /// ([`background_factory_completion`](EntryOptions::background_factory_completion)), and
+    /// [eager refresh](EntryOptions::eager_refresh) renews hot entries before they expire.
+    pub async fn get_or_set_detached<F, Fut, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        factory: F,
+    ) -> Result<V, Error>
+    where
+        F: FnOnce(FactoryContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        let inner = &self.inner;
+        match inner.lookup_l1_for_refresh(key) {
+            L1Lookup::Fresh(v) => {
+                inner.record_l1_hit(key);
+                return Ok(v);
+            }
+            L1Lookup::FreshDue(v) => {
+                inner.record_l1_hit(key);
+                Inner::refresh_eagerly(inner, key, options, factory);
+                return Ok(v);
+            }
+            _ => {}
+        }
+        Box::pin(Inner::get_or_set_spawned(inner, key, options, factory)).await
     }
 }
 
@@ -375,12 +489,20 @@ where
 {
     #[inline]
     pub(crate) fn lookup_l1(&self, key: &str) -> L1Lookup<V> {
-        let untrusted_after = self
-            .backplane
+        self.l1.lookup(key, Instant::now(), self.untrusted_after())
+    }
+
+    fn untrusted_after(&self) -> Option<Duration> {
+        self.backplane
             .as_ref()
             .filter(|b| b.is_down())
-            .map(|_| self.options.disconnected_l1_max_age);
-        self.l1.lookup(key, Instant::now(), untrusted_after)
+            .map(|_| self.options.disconnected_l1_max_age)
+    }
+
+    /// [`lookup_l1`](Self::lookup_l1), telling entries due for an eager refresh apart.
+    pub(crate) fn lookup_l1_for_refresh(&self, key: &str) -> L1Lookup<V> {
+        self.l1
+            .lookup_for_refresh(key, Instant::now(), self.untrusted_after())
     }
 
     #[inline]
@@ -413,307 +535,5 @@ where
         self.l1.mark_all_stale();
         Counters::incr(&self.telemetry.counters.l1_mark_all_stale);
         self.telemetry.emit(|| CacheEvent::L1MarkedStale);
-    }
-
-    /// A read that L1 could not answer as fresh.
-    async fn get_slow(&self, key: &str, options: &EntryOptions) -> Result<Option<V>, Error> {
-        let l1 = self.lookup_l1(key);
-        if self.l2.is_none() || options.skip_l2 {
-            self.record_miss(key);
-            return Ok(None);
-        }
-        let hold = self.guard.hold(key, None);
-        match self.read_l2(key).await {
-            L2Read::Found(entry) if !entry.fresh_for.is_zero() => {
-                self.record_l2_hit(key);
-                Ok(Some(self.install_from_l2(&hold, key, entry, options)))
-            }
-            L2Read::Found(_) | L2Read::Missing => {
-                if let L1Lookup::Stale { expired: false, .. } = l1 {
-                    // Untrusted only because the backplane is down, and L2 no longer has it.
-                    self.l1.remove(key);
-                }
-                self.record_miss(key);
-                Ok(None)
-            }
-            L2Read::Failed(error) => match l1 {
-                // Not expired, only unverifiable: serve it.
-                L1Lookup::Stale {
-                    entry,
-                    expired: false,
-                } => {
-                    self.record_l1_hit(key);
-                    Ok(Some(entry.value))
-                }
-                L1Lookup::Stale {
-                    entry,
-                    expired: true,
-                } if options.fail_safe && entry.is_usable(Instant::now()) => {
-                    self.record_stale(key);
-                    Ok(Some(entry.value))
-                }
-                _ => {
-                    self.record_miss(key);
-                    Err(Error::L2(error))
-                }
-            },
-        }
-    }
-
-    /// What L2 holds for `key`, as this node must see it: a change of its own still queued for
-    /// auto-recovery comes first (read your writes while L2 is down or behind).
-    pub(crate) async fn read_l2(&self, key: &str) -> L2Read<V> {
-        let Some(l2) = &self.l2 else {
-            return L2Read::Missing;
-        };
-        match self.recovery.pending_read(key) {
-            Some(PendingRead::Gone) => return L2Read::Missing,
-            Some(PendingRead::Written(bytes)) => {
-                return L2Envelope::decode(key, bytes.to_vec())
-                    .ok()
-                    .and_then(|env| l2.decode(key, &env))
-                    .map_or(L2Read::Missing, L2Read::Found);
-            }
-            None => {}
-        }
-        let (read, recovered) = l2.read(key).await;
-        if recovered {
-            self.recovery.kick();
-        }
-        read
-    }
-
-    /// Puts a fresh value read from L2 in L1, unless the guard or a newer L1 entry says it is outdated;
-    /// returns the value either way (the caller asked while it was current).
-    pub(crate) fn install_from_l2(
-        &self,
-        hold: &Hold,
-        key: &str,
-        entry: L2Entry<V>,
-        options: &EntryOptions,
-    ) -> V {
-        let lifetime = self.lifetime_from_l2(options, entry.fresh_for, entry.usable_for);
-        let l1_entry = self
-            .l1
-            .entry(entry.value.clone(), entry.timestamp, lifetime);
-        hold.install(entry.timestamp, || self.l1.install(key, l1_entry));
-        entry.value
-    }
-
-    /// After auto-recovery found a newer write of `key` in L2: replace this node's older copy with it.
-    pub(crate) fn refresh_from_envelope(&self, hold: &Hold, key: &str, env: L2Envelope) {
-        let Some(l2) = &self.l2 else { return };
-        let Some(entry) = l2.decode(key, &env) else {
-            return;
-        };
-        let lifetime = self.lifetime_from_l2(
-            &self.default_entry_options,
-            entry.fresh_for,
-            entry.usable_for,
-        );
-        if lifetime.fresh_for.is_zero() {
-            return self.l1.remove(key);
-        }
-        let l1_entry = self.l1.entry(entry.value, entry.timestamp, lifetime);
-        hold.install(entry.timestamp, || self.l1.refresh(key, l1_entry));
-    }
-
-    /// After a remote *set* of `key` at `notified_at`: reloads the (now stale) L1 entry from L2 in the
-    /// background, if L2 holds that write or a newer one.
-    pub(crate) fn refresh_in_background(self: &Arc<Self>, key: &str, notified_at: i64) {
-        // When too many refreshes are running, the entry just stays stale: the next read goes to L2.
-        let Ok(permit) = Arc::clone(&self.refreshes).try_acquire_owned() else {
-            return;
-        };
-        let inner = Arc::clone(self);
-        let hold = self.guard.hold(key, None);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Some(l2) = &inner.l2 else { return };
-            let key = hold.key();
-            let Ok((Some(env), _)) = l2.read_envelope(key, false).await else {
-                return;
-            };
-            if env.timestamp < notified_at {
-                return; // L2 does not hold the notified write (yet): stay stale.
-            }
-            inner.refresh_from_envelope(&hold, key, env);
-        });
-    }
-
-    pub(crate) fn lifetime_from_options(&self, options: &EntryOptions) -> Lifetime {
-        let fresh_for = self
-            .l1
-            .cap(options.base_l1_duration().saturating_add(options.jitter()));
-        let usable_for = if options.fail_safe {
-            options.fail_safe_max_duration.max(fresh_for)
-        } else {
-            fresh_for
-        };
-        Lifetime {
-            fresh_for,
-            usable_for,
-        }
-    }
-
-    pub(crate) fn lifetime_from_l2(
-        &self,
-        options: &EntryOptions,
-        remaining: Duration,
-        fail_safe_remaining: Duration,
-    ) -> Lifetime {
-        let mut fresh_for = remaining;
-        if let Some(l1) = options.l1_duration {
-            fresh_for = fresh_for.min(l1);
-        }
-        let fresh_for = self.l1.cap(fresh_for);
-        Lifetime {
-            fresh_for,
-            usable_for: fail_safe_remaining.max(fresh_for),
-        }
-    }
-
-    /// `set` of a key already held for the write at `timestamp`.
-    pub(crate) async fn set_held(
-        this: &Arc<Self>,
-        hold: Hold,
-        value: V,
-        timestamp: i64,
-        options: &EntryOptions,
-    ) -> Result<(), Error> {
-        let key = hold.key().to_string();
-        let l2_write = match &this.l2 {
-            Some(l2) if !options.skip_l2 => Some(l2.encode(&value, timestamp, options)?),
-            _ => None,
-        };
-        let lifetime = this.lifetime_from_options(options);
-        this.l1
-            .write(&key, this.l1.entry(value, timestamp, lifetime));
-        Counters::incr(&this.telemetry.counters.sets);
-        this.telemetry.emit(|| CacheEvent::Set { key: &key });
-        Self::distribute(this, hold, Action::Set, timestamp, l2_write, options).await
-    }
-
-    /// The distributed part of a change already applied to L1: the L2 step, then the notification, each
-    /// awaited or in the background as `options` say, always in that order. What fails is queued for
-    /// auto-recovery; the hold protects the key until the L2 step is done or queued.
-    async fn distribute(
-        this: &Arc<Self>,
-        hold: Hold,
-        action: Action,
-        timestamp: i64,
-        l2_write: Option<L2Write>,
-        options: &EntryOptions,
-    ) -> Result<(), Error> {
-        let l2_write = l2_write.filter(|_| this.l2.is_some() && !options.skip_l2);
-        let publish = this.backplane.is_some() && !options.skip_backplane_notifications;
-        if l2_write.is_none() && !publish {
-            return Ok(());
-        }
-        let op = DistributedOp {
-            action,
-            timestamp,
-            l2_write,
-            publish,
-            background_publish: options.background_backplane_operations,
-            expires_at_ms: l2_envelope_now_ms()
-                .saturating_add(relevance(options).as_millis() as i64),
-        };
-        if op.l2_write.is_some() && options.background_l2_operations {
-            let this = Arc::clone(this);
-            tokio::spawn(async move {
-                let _ = this.run_distributed(hold, op).await;
-            });
-            return Ok(());
-        }
-        match this.run_distributed(hold, op).await {
-            Err(error) if options.surface_l2_errors => Err(Error::L2(error)),
-            _ => Ok(()),
-        }
-    }
-
-    async fn run_distributed(
-        self: &Arc<Self>,
-        hold: Hold,
-        op: DistributedOp,
-    ) -> Result<(), crate::l2::L2Error> {
-        let key = hold.key();
-        if let (Some(write), Some(l2)) = (&op.l2_write, &self.l2) {
-            match l2.write(key, write, false).await {
-                Ok(recovered) => {
-                    if recovered {
-                        self.recovery.kick();
-                    }
-                }
-                Err(error) => {
-                    let item = RecoveryItem::new(
-                        op.action,
-                        op.timestamp,
-                        op.l2_write,
-                        op.publish,
-                        op.expires_at_ms,
-                    );
-                    self.queue_for_recovery(key, item);
-                    return Err(error);
-                }
-            }
-        }
-        if op.publish {
-            let key = key.to_string();
-            drop(hold);
-            if op.background_publish {
-                let this = Arc::clone(self);
-                tokio::spawn(async move { this.publish_or_queue(&key, &op).await });
-            } else {
-                self.publish_or_queue(&key, &op).await;
-            }
-        }
-        Ok(())
-    }
-
-    async fn publish_or_queue(self: &Arc<Self>, key: &str, op: &DistributedOp) {
-        let Some(bp) = &self.backplane else { return };
-        if bp
-            .publish(key, op.action, op.timestamp, false)
-            .await
-            .is_err()
-        {
-            let item = RecoveryItem::new(op.action, op.timestamp, None, true, op.expires_at_ms);
-            self.queue_for_recovery(key, item);
-        }
-    }
-
-    /// Queues `item` and makes sure the auto-recovery task runs.
-    fn queue_for_recovery(self: &Arc<Self>, key: &str, item: RecoveryItem) {
-        self.recovery_started.call_once(|| {
-            let task = tokio::spawn(crate::auto_recovery::run(
-                Arc::clone(&self.recovery),
-                Arc::downgrade(self),
-            ));
-            self.tasks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(task.abort_handle());
-        });
-        self.recovery.push(key, item);
-    }
-}
-
-/// A change's distributed part, as it is run (and queued, if it fails).
-struct DistributedOp {
-    action: Action,
-    timestamp: i64,
-    l2_write: Option<L2Write>,
-    publish: bool,
-    background_publish: bool,
-    expires_at_ms: i64,
-}
-
-/// How long a change matters: until any copy of the entry it replaces would have expired anyway.
-fn relevance(options: &EntryOptions) -> Duration {
-    if options.fail_safe {
-        options.fail_safe_max_duration.max(options.duration)
-    } else {
-        options.duration
     }
 }

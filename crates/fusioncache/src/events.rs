@@ -66,8 +66,16 @@ pub enum CacheEvent<'a> {
         /// The key.
         key: &'a str,
     },
-    /// The cache was cleared.
-    Clear,
+    /// The cache was cleared (expire-all with `allow_fail_safe`, else remove-all).
+    Clear {
+        /// Whether the cleared entries stay usable as fail-safe fallbacks.
+        allow_fail_safe: bool,
+    },
+    /// The entries of a tag were removed.
+    RemoveByTag {
+        /// The tag.
+        tag: &'a str,
+    },
     /// A factory ran.
     FactoryRun {
         /// The key.
@@ -189,6 +197,8 @@ counters! {
     removes,
     /// Entries marked expired.
     expires,
+    /// Tag removals (`remove_by_tag`).
+    removes_by_tag,
     /// Factory runs.
     factory_runs,
     /// Factory runs that failed or timed out.

@@ -1,154 +1,286 @@
-//! `get_or_set`: one factory run per key and node, its timeouts, fail-safe fallbacks and background
-//! completion.
+//! `get_or_set`: one factory run per key and node, adaptive tags, timeouts, fail-safe fallbacks, background
+//! completion and eager refresh.
+//!
+//! A factory runs either *inline* (awaited in place, so it may borrow; past a timeout it is cancelled) or
+//! *detached* (`'static`, spawned: past a timeout it completes in the background, and eager refresh can
+//! run it ahead of expiry). Both share the same slow path and the same way of caching the result.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::backplane::now_ticks;
 use crate::cache::Inner;
 use crate::error::{BoxError, Error};
 use crate::events::{CacheEvent, Counters};
 use crate::guard::Hold;
-use crate::l1::{L1Lookup, Lifetime};
-use crate::l2_accessor::L2Read;
+use crate::l1::{EntryTags, L1Lookup, Lifetime};
 use crate::options::EntryOptions;
+use crate::reads::L2Outcome;
 
-/// A last known value that can stand in for a failing factory, with the write it came from.
-type Fallback<V> = Option<(V, i64)>;
+/// What a factory can decide about the entry it produces, once it knows the data (FusionCache's
+/// adaptive caching). Cheap to clone; changes made through any clone count.
+#[derive(Clone, Default, Debug)]
+pub struct FactoryContext {
+    adapt: Arc<Mutex<Adapt>>,
+}
+
+#[derive(Default, Debug)]
+struct Adapt {
+    tags: Option<Vec<String>>,
+    duration: Option<Duration>,
+}
+
+impl FactoryContext {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Adapt> {
+        self.adapt.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tags the entry (replacing the tags of the entry options).
+    pub fn set_tags<T: Into<String>>(&self, tags: impl IntoIterator<Item = T>) {
+        self.lock().tags = Some(tags.into_iter().map(Into::into).collect());
+    }
+
+    /// Caches the entry for `duration` instead of the entry options' duration.
+    pub fn set_duration(&self, duration: Duration) {
+        self.lock().duration = Some(duration);
+    }
+
+    /// The entry options with what the factory decided.
+    fn apply(&self, options: &EntryOptions) -> EntryOptions {
+        let adapt = self.lock();
+        let mut options = options.clone();
+        if let Some(tags) = &adapt.tags {
+            options.tags = tags.iter().cloned().collect();
+        }
+        if let Some(duration) = adapt.duration {
+            options.duration = duration;
+        }
+        options
+    }
+}
+
+/// A last known value that can stand in for a failing factory: the value, its write, its tags.
+type Fallback<V> = Option<(V, i64, EntryTags)>;
 
 impl<V> Inner<V>
 where
     V: Clone + Send + Sync + 'static,
 {
-    pub(crate) async fn get_or_set_slow<F, Fut, E>(
+    /// The slow path shared by both factory modes: the per-key lock, L1 again, L2, then `run` with the
+    /// key held (from before the L2 read) and the fail-safe fallback found on the way.
+    async fn get_or_set_slow<R, Fut>(
         this: &Arc<Self>,
         key: &str,
         options: &EntryOptions,
-        factory: F,
+        run: R,
     ) -> Result<V, Error>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V, E>> + Send + 'static,
-        E: Into<BoxError> + Send + 'static,
+        R: FnOnce(Hold, Fallback<V>) -> Fut,
+        Fut: Future<Output = Result<V, Error>>,
     {
         let _lock = this.key_locks.lock(key).await;
 
         // Someone else may have filled it while we waited.
         let mut fallback: Fallback<V> = None;
         match this.lookup_l1(key) {
-            L1Lookup::Fresh(v) => {
+            L1Lookup::Fresh(v) | L1Lookup::FreshDue(v) => {
                 this.record_l1_hit(key);
                 return Ok(v);
             }
             L1Lookup::Stale { entry, .. } if entry.is_usable(quanta::Instant::now()) => {
-                fallback = Some((entry.value, entry.timestamp));
+                fallback = Some((entry.value, entry.timestamp, entry.tags));
             }
             _ => {}
         }
         // Held from before the L2 read until the factory's value is cached: a change of the key meanwhile
         // (here or on another node) keeps the factory's value out of the cache.
         let hold = this.guard.hold(key, None);
-        if this.l2.is_some() && !options.skip_l2 {
-            match this.read_l2(key).await {
-                L2Read::Found(entry) if !entry.fresh_for.is_zero() => {
+        if this.l2.is_some() && !options.skip_l2_reads {
+            let has_fallback = options.fail_safe && fallback.is_some();
+            match this.load_from_l2(key, options, has_fallback).await {
+                L2Outcome::Fresh(v) => {
                     this.record_l2_hit(key);
-                    return Ok(this.install_from_l2(&hold, key, entry, options));
+                    return Ok(v);
                 }
-                L2Read::Found(entry)
-                    if fallback.as_ref().is_none_or(|(_, t)| *t < entry.timestamp) =>
+                L2Outcome::Stale(e)
+                    if fallback.as_ref().is_none_or(|(_, t, _)| *t < e.timestamp) =>
                 {
-                    fallback = Some((entry.value, entry.timestamp));
+                    fallback = Some((e.value, e.timestamp, e.states));
                 }
                 _ => {}
             }
         }
         let fallback = fallback.filter(|_| options.fail_safe);
-        Self::run_factory(this, hold, options, factory(), fallback).await
+        Counters::incr(&this.telemetry.counters.factory_runs);
+        run(hold, fallback).await
     }
 
-    async fn run_factory<Fut, E>(
+    /// `get_or_set` with a factory awaited in place.
+    pub(crate) async fn get_or_set_inline<F, Fut, E>(
         this: &Arc<Self>,
-        hold: Hold,
+        key: &str,
         options: &EntryOptions,
-        fut: Fut,
-        fallback: Fallback<V>,
+        factory: F,
     ) -> Result<V, Error>
     where
+        F: FnOnce(FactoryContext) -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        Self::get_or_set_slow(this, key, options, |hold, fallback| async move {
+            let ctx = FactoryContext::default();
+            let fut = factory(ctx.clone());
+            let outcome = match factory_timeout(options, fallback.is_some()) {
+                None => fut.await.map_err(|e| factory_error(key, e)),
+                Some(timeout) => match tokio::time::timeout(timeout, fut).await {
+                    Ok(result) => result.map_err(|e| factory_error(key, e)),
+                    Err(_) => Err(Error::FactoryTimeout {
+                        key: key.to_string(),
+                        timeout,
+                    }),
+                },
+            };
+            Self::factory_done(this, Some(hold), options, &ctx, outcome, fallback).await
+        })
+        .await
+    }
+
+    /// `get_or_set` with a `'static` factory, spawned when it has a timeout so that it can complete in the
+    /// background.
+    pub(crate) async fn get_or_set_spawned<F, Fut, E>(
+        this: &Arc<Self>,
+        key: &str,
+        options: &EntryOptions,
+        factory: F,
+    ) -> Result<V, Error>
+    where
+        F: FnOnce(FactoryContext) -> Fut + Send + 'static,
         Fut: Future<Output = Result<V, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        let key = hold.key().to_string();
-        let key = key.as_str();
-        Counters::incr(&this.telemetry.counters.factory_runs);
-        let soft = options.factory_soft_timeout.filter(|_| fallback.is_some());
-        let timeout = match (soft, options.factory_hard_timeout) {
-            (Some(s), Some(h)) => Some(s.min(h)),
-            (s, h) => s.or(h),
-        };
-        let factory_error = |e: E| Error::Factory {
-            key: key.to_string(),
-            source: e.into(),
-        };
-        let (outcome, hold) = match timeout {
-            None => (fut.await.map_err(factory_error), Some(hold)),
-            Some(timeout) => {
-                let mut task = tokio::spawn(fut);
-                match tokio::time::timeout(timeout, &mut task).await {
-                    Ok(Ok(result)) => (result.map_err(factory_error), Some(hold)),
-                    Ok(Err(join)) => (
-                        Err(Error::FactoryAborted {
-                            key: key.to_string(),
-                            reason: join.to_string(),
-                        }),
-                        Some(hold),
-                    ),
-                    Err(_) => {
-                        if options.background_factory_completion {
-                            Self::complete_in_background(this, hold, options, task);
-                        } else {
-                            task.abort();
-                        }
-                        let timed_out = Error::FactoryTimeout {
-                            key: key.to_string(),
-                            timeout,
-                        };
-                        (Err(timed_out), None)
+        Self::get_or_set_slow(this, key, options, |hold, fallback| async move {
+            let ctx = FactoryContext::default();
+            let fut = factory(ctx.clone());
+            let Some(timeout) = factory_timeout(options, fallback.is_some()) else {
+                let outcome = fut.await.map_err(|e| factory_error(key, e));
+                return Self::factory_done(this, Some(hold), options, &ctx, outcome, fallback)
+                    .await;
+            };
+            let mut task = tokio::spawn(fut);
+            let (outcome, hold) = match tokio::time::timeout(timeout, &mut task).await {
+                Ok(Ok(result)) => (result.map_err(|e| factory_error(key, e)), Some(hold)),
+                Ok(Err(join)) => {
+                    let aborted = Error::FactoryAborted {
+                        key: key.to_string(),
+                        reason: join.to_string(),
+                    };
+                    (Err(aborted), Some(hold))
+                }
+                Err(_) => {
+                    if options.background_factory_completion {
+                        Self::complete_in_background(this, hold, options, ctx.clone(), task);
+                    } else {
+                        task.abort();
                     }
+                    let timed_out = Error::FactoryTimeout {
+                        key: key.to_string(),
+                        timeout,
+                    };
+                    (Err(timed_out), None)
+                }
+            };
+            Self::factory_done(this, hold, options, &ctx, outcome, fallback).await
+        })
+        .await
+    }
+
+    /// After a hit of an entry due for eager refresh: runs the factory in the background (unless a run
+    /// for the key is already going on) and caches its value.
+    pub(crate) fn refresh_eagerly<F, Fut, E>(
+        this: &Arc<Self>,
+        key: &str,
+        options: &EntryOptions,
+        factory: F,
+    ) where
+        F: FnOnce(FactoryContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        let Some(lock) = this.key_locks.try_lock_owned(key) else {
+            return; // a run for this key is going on: it will renew the entry
+        };
+        let hold = this.guard.hold(key, None);
+        let (inner, options) = (Arc::clone(this), options.clone());
+        tokio::spawn(async move {
+            let _lock = lock;
+            Counters::incr(&inner.telemetry.counters.factory_runs);
+            let ctx = FactoryContext::default();
+            match factory(ctx.clone()).await {
+                Ok(value) => {
+                    let options = ctx.apply(&options);
+                    Self::cache_factory_value(&inner, hold, value, &options).await;
+                }
+                Err(e) => {
+                    Counters::incr(&inner.telemetry.counters.factory_errors);
+                    let error = factory_error(hold.key(), e);
+                    tracing::warn!(cache = %inner.options.name, key = hold.key(), %error, "eager refresh failed; the entry stays until it expires");
                 }
             }
+        });
+    }
+
+    /// What a factory run comes to: its value (cached unless the key changed meanwhile), or the fail-safe
+    /// fallback, or the error. `hold` is `None` when the run went on in the background.
+    async fn factory_done(
+        this: &Arc<Self>,
+        hold: Option<Hold>,
+        options: &EntryOptions,
+        ctx: &FactoryContext,
+        outcome: Result<V, Error>,
+        fallback: Fallback<V>,
+    ) -> Result<V, Error> {
+        let key_of = |hold: &Option<Hold>, error: &Error| match (hold, error) {
+            (Some(h), _) => h.key().to_string(),
+            (None, Error::FactoryTimeout { key, .. }) => key.clone(),
+            _ => String::new(),
         };
         match outcome {
             Ok(value) => {
-                this.telemetry
-                    .emit(|| CacheEvent::FactoryRun { key, success: true });
                 if let Some(hold) = hold {
-                    Self::cache_factory_value(this, hold, value.clone(), options).await;
+                    this.telemetry.emit(|| CacheEvent::FactoryRun {
+                        key: hold.key(),
+                        success: true,
+                    });
+                    let options = ctx.apply(options);
+                    Self::cache_factory_value(this, hold, value.clone(), &options).await;
                 }
                 Ok(value)
             }
             Err(error) => {
+                let key = key_of(&hold, &error);
                 Counters::incr(&this.telemetry.counters.factory_errors);
                 this.telemetry.emit(|| CacheEvent::FactoryRun {
-                    key,
+                    key: &key,
                     success: false,
                 });
-                let Some((value, timestamp)) = fallback else {
+                let Some((value, timestamp, tags)) = fallback else {
                     return Err(error);
                 };
                 tracing::warn!(cache = %this.options.name, key, %error, "factory failed; serving the fail-safe value");
                 // Serve the fallback as fresh for the throttle duration, locally only (unless a newer
                 // change of the key arrived meanwhile).
-                if let Some(hold) = &hold {
-                    let throttle = this.l1.cap(options.fail_safe_throttle_duration);
-                    let lifetime = Lifetime {
-                        fresh_for: throttle,
-                        usable_for: options.fail_safe_max_duration.max(throttle),
-                    };
-                    let entry = this.l1.entry(value.clone(), timestamp, lifetime);
-                    hold.install(timestamp, || this.l1.install(key, entry));
-                }
-                this.record_stale(key);
+                let throttle = this.l1.cap(options.fail_safe_throttle_duration);
+                let lifetime = Lifetime {
+                    fresh_for: throttle,
+                    usable_for: options.fail_safe_max_duration.max(throttle),
+                    refresh_after: None,
+                };
+                let entry = this.l1.entry(value.clone(), timestamp, lifetime, tags);
+                let hold = hold.unwrap_or_else(|| this.guard.hold(&key, None));
+                hold.install(timestamp, || this.l1.install(&key, entry));
+                this.record_stale(&key);
                 Ok(value)
             }
         }
@@ -173,6 +305,7 @@ where
         this: &Arc<Self>,
         hold: Hold,
         options: &EntryOptions,
+        ctx: FactoryContext,
         task: tokio::task::JoinHandle<Result<V, E>>,
     ) {
         let inner = Arc::downgrade(this);
@@ -180,6 +313,7 @@ where
         tokio::spawn(async move {
             if let Ok(Ok(value)) = task.await {
                 if let Some(inner) = inner.upgrade() {
+                    let options = ctx.apply(&options);
                     Self::cache_factory_value(&inner, hold, value, &options).await;
                 }
             }
@@ -187,48 +321,83 @@ where
     }
 }
 
+/// The timeout of a factory run: the soft one applies only with a fallback to serve.
+fn factory_timeout(options: &EntryOptions, has_fallback: bool) -> Option<Duration> {
+    let soft = options.factory_soft_timeout.filter(|_| has_fallback);
+    match (soft, options.factory_hard_timeout) {
+        (Some(s), Some(h)) => Some(s.min(h)),
+        (s, h) => s.or(h),
+    }
+}
+
+fn factory_error<E: Into<BoxError>>(key: &str, error: E) -> Error {
+    Error::Factory {
+        key: key.to_string(),
+        source: error.into(),
+    }
+}
+
+type LockMap = HashMap<String, Arc<tokio::sync::Mutex<()>>>;
+
 /// One async lock per key being loaded, removed when its last user is done.
 #[derive(Default)]
 pub(crate) struct KeyLocks {
-    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    map: Arc<Mutex<LockMap>>,
 }
 
-pub(crate) struct KeyLockGuard<'a> {
-    locks: &'a KeyLocks,
+/// A held key lock; dropping it releases the lock and, if nobody else waits, its map entry.
+pub(crate) struct KeyLockGuard {
+    map: Arc<Mutex<LockMap>>,
     key: String,
     lock: Option<Arc<tokio::sync::Mutex<()>>>,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
+fn lock_map(map: &Mutex<LockMap>) -> std::sync::MutexGuard<'_, LockMap> {
+    map.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl KeyLocks {
-    fn lock_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    fn entry(&self, key: &str) -> KeyLockGuard {
+        let lock = lock_map(&self.map)
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        KeyLockGuard {
+            map: Arc::clone(&self.map),
+            key: key.to_string(),
+            lock: Some(lock),
+            guard: None,
+        }
     }
 
-    pub async fn lock(&self, key: &str) -> KeyLockGuard<'_> {
-        let lock = self.lock_map().entry(key.to_string()).or_default().clone();
-        let mut guard = KeyLockGuard {
-            locks: self,
-            key: key.to_string(),
-            lock: Some(lock.clone()),
-            guard: None,
-        };
+    pub async fn lock(&self, key: &str) -> KeyLockGuard {
+        let mut guard = self.entry(key);
         // If this future is dropped while waiting, the guard's drop still cleans the map up.
+        let lock = guard.lock.clone().expect("set by entry");
         guard.guard = Some(lock.lock_owned().await);
         guard
     }
 
+    /// The lock of `key` if nobody holds it now.
+    pub fn try_lock_owned(&self, key: &str) -> Option<KeyLockGuard> {
+        let mut guard = self.entry(key);
+        let lock = guard.lock.clone().expect("set by entry");
+        guard.guard = Some(lock.try_lock_owned().ok()?);
+        Some(guard)
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.lock_map().len()
+        lock_map(&self.map).len()
     }
 }
 
-impl Drop for KeyLockGuard<'_> {
+impl Drop for KeyLockGuard {
     fn drop(&mut self) {
         self.guard.take();
         if let Some(lock) = self.lock.take() {
-            let mut map = self.locks.lock_map();
+            let mut map = lock_map(&self.map);
             // The map's reference and ours: nobody else is waiting.
             if Arc::strong_count(&lock) == 2 {
                 map.remove(&self.key);

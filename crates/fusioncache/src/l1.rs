@@ -6,15 +6,24 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use moka::ops::compute::Op;
 use quanta::Instant;
+
+use crate::tags::{TagState, Tags, Visibility};
 
 /// How long an entry is fresh and how long it stays usable (as a fail-safe fallback) in L1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Lifetime {
     pub fresh_for: Duration,
     pub usable_for: Duration,
+    /// With eager refresh: when a hit starts refreshing the entry in the background.
+    pub refresh_after: Option<Duration>,
 }
+
+/// The tag states an entry points to (`None`: untagged, the common case, at no cost).
+pub(crate) type EntryTags = Option<Arc<[Arc<TagState>]>>;
 
 /// A value in L1. Stored by value (moka clones it out on a hit, which clones `V` once, as a raw moka get
 /// would); staleness is set by replacing the entry atomically. Expiry is checked here, per entry, rather
@@ -31,10 +40,14 @@ pub(crate) struct L1Entry<V> {
     /// How long it may serve, as fresh or as a fail-safe fallback; past it, it counts as missing (moka
     /// drops it on capacity pressure or at the cache's retention bound).
     pub usable_until: Instant,
+    /// With eager refresh, when a hit starts a background refresh (else `fresh_until`).
+    pub refresh_at: Instant,
     /// The stale epoch when it was created: older than the current one means stale.
     pub epoch: u64,
     /// Marked expired by `expire` or a notification.
     pub stale: bool,
+    /// Its tags, checked against their removal timestamps on every read.
+    pub tags: EntryTags,
 }
 
 impl<V> L1Entry<V> {
@@ -53,6 +66,8 @@ impl<V> L1Entry<V> {
 /// What a read found in L1.
 pub(crate) enum L1Lookup<V> {
     Fresh(V),
+    /// Fresh, and past its eager-refresh point (only from [`L1::lookup_for_refresh`]).
+    FreshDue(V),
     /// Present but not to be served as fresh: logically expired or marked stale (`expired`), or only
     /// untrusted while the backplane is down (`!expired`).
     Stale {
@@ -69,13 +84,20 @@ pub(crate) struct L1<V> {
     epoch: AtomicU64,
     /// A hard cap on every freshness.
     max_duration: Option<Duration>,
+    /// Clears and tag removals, checked on every read.
+    tags: Tags,
 }
 
 impl<V> L1<V>
 where
     V: Clone + Send + Sync + 'static,
 {
-    pub fn new(capacity: u64, retention: Duration, max_duration: Option<Duration>) -> Self {
+    pub fn new(
+        capacity: u64,
+        retention: Duration,
+        max_duration: Option<Duration>,
+        tags: Tags,
+    ) -> Self {
         Self {
             cache: moka::sync::Cache::builder()
                 .max_capacity(capacity)
@@ -83,7 +105,18 @@ where
                 .build(),
             epoch: AtomicU64::new(0),
             max_duration,
+            tags,
         }
+    }
+
+    /// The clears and tags of this cache.
+    pub fn tags(&self) -> &Tags {
+        &self.tags
+    }
+
+    /// The current stale epoch (tag timestamps are resolved again in each).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Applies the cache's hard cap to a freshness.
@@ -93,16 +126,25 @@ where
     }
 
     /// An entry for `value`, written at `timestamp`, created now in the current epoch.
-    pub fn entry(&self, value: V, timestamp: i64, lifetime: Lifetime) -> L1Entry<V> {
+    pub fn entry(
+        &self,
+        value: V,
+        timestamp: i64,
+        lifetime: Lifetime,
+        tags: EntryTags,
+    ) -> L1Entry<V> {
         let now = Instant::now();
+        let fresh_until = now + lifetime.fresh_for;
         L1Entry {
             value,
             timestamp,
             created_at: now,
-            fresh_until: now + lifetime.fresh_for,
+            fresh_until,
             usable_until: now + lifetime.usable_for,
+            refresh_at: lifetime.refresh_after.map_or(fresh_until, |d| now + d),
             epoch: self.epoch.load(Ordering::Acquire),
             stale: false,
+            tags,
         }
     }
 
@@ -118,10 +160,42 @@ where
         let Some(entry) = self.cache.get(key) else {
             return L1Lookup::Missing;
         };
+        self.judge(entry, now, untrusted_after)
+    }
+
+    /// [`lookup`](Self::lookup), telling a fresh entry past its eager-refresh point apart.
+    pub fn lookup_for_refresh(
+        &self,
+        key: &str,
+        now: Instant,
+        untrusted_after: Option<Duration>,
+    ) -> L1Lookup<V> {
+        let Some(entry) = self.cache.get(key) else {
+            return L1Lookup::Missing;
+        };
+        let due = now >= entry.refresh_at;
+        match self.judge(entry, now, untrusted_after) {
+            L1Lookup::Fresh(v) if due => L1Lookup::FreshDue(v),
+            other => other,
+        }
+    }
+
+    #[inline]
+    fn judge(
+        &self,
+        entry: L1Entry<V>,
+        now: Instant,
+        untrusted_after: Option<Duration>,
+    ) -> L1Lookup<V> {
         if !entry.is_usable(now) {
             return L1Lookup::Missing;
         }
-        if !entry.is_fresh(now, self.epoch.load(Ordering::Acquire)) {
+        let expired = match self.tags.visibility(entry.timestamp, entry.tags.as_deref()) {
+            Visibility::Removed => return L1Lookup::Missing,
+            Visibility::Expired => true,
+            Visibility::Visible => !entry.is_fresh(now, self.epoch.load(Ordering::Acquire)),
+        };
+        if expired {
             return L1Lookup::Stale {
                 entry,
                 expired: true,

@@ -23,6 +23,10 @@ pub(crate) struct L2Entry<V> {
     pub fresh_for: Duration,
     /// Time left until its fail-safe expiry.
     pub usable_for: Duration,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// The states of its tags, once the cache has judged it against them.
+    pub states: crate::l1::EntryTags,
 }
 
 /// What an L2 read found.
@@ -126,8 +130,23 @@ where
         }
     }
 
+    /// The envelopes stored at `keys`, in one round trip where the store allows it (auto-recovery's probe
+    /// when `probe`). Unreadable envelopes count as missing.
+    pub async fn read_envelopes(
+        &self,
+        keys: &[&str],
+        probe: bool,
+    ) -> Result<Vec<Option<L2Envelope>>, L2Error> {
+        let (values, _) = self.call(None, probe, self.store.get_many(keys)).await?;
+        Ok(keys
+            .iter()
+            .zip(values)
+            .map(|(key, bytes)| bytes.and_then(|b| L2Envelope::decode(key, b).ok()))
+            .collect())
+    }
+
     /// Decodes the value of an envelope; a value that does not deserialize counts as missing.
-    pub fn decode(&self, key: &str, env: &L2Envelope) -> Option<L2Entry<V>> {
+    pub fn decode(&self, key: &str, env: L2Envelope) -> Option<L2Entry<V>> {
         match self.serializer.deserialize(&env.payload) {
             Ok(value) => {
                 let now_ms = l2_envelope_now_ms();
@@ -136,6 +155,8 @@ where
                     timestamp: env.timestamp,
                     fresh_for: env.remaining(now_ms),
                     usable_for: env.fail_safe_remaining(now_ms),
+                    tags: env.tags,
+                    states: None,
                 })
             }
             Err(e) => {
@@ -153,7 +174,7 @@ where
     /// Reads and decodes `key`. The flag says L2 just came back after failures.
     pub async fn read(&self, key: &str) -> (L2Read<V>, bool) {
         match self.read_envelope(key, false).await {
-            Ok((Some(env), recovered)) => match self.decode(key, &env) {
+            Ok((Some(env), recovered)) => match self.decode(key, env) {
                 Some(entry) if !entry.usable_for.is_zero() => (L2Read::Found(entry), recovered),
                 _ => (L2Read::Missing, recovered),
             },
@@ -179,7 +200,7 @@ where
         };
         let logical = now_ms.saturating_add(duration.as_millis() as i64);
         let usable = now_ms.saturating_add(ttl.as_millis() as i64);
-        let bytes = L2Envelope::encode(logical, usable, timestamp, &payload);
+        let bytes = L2Envelope::encode(logical, usable, timestamp, &options.tags, &payload);
         Ok(L2Write::Set {
             bytes: Bytes::from(bytes),
             ttl,
@@ -197,9 +218,21 @@ where
         };
         Ok(recovered)
     }
+}
 
-    /// Removes every key of the cache from L2.
-    pub async fn clear(&self) -> Result<(), L2Error> {
-        self.call(None, false, self.store.clear()).await.map(|_| ())
+/// The L2 step of a tag removal or clear at `timestamp`: an entry holding the timestamp, kept for
+/// `retention`.
+pub(crate) fn timestamp_entry(timestamp: i64, retention: Duration) -> L2Write {
+    let until = l2_envelope_now_ms().saturating_add(retention.as_millis() as i64);
+    let bytes = L2Envelope::encode(
+        until,
+        until,
+        timestamp,
+        &[] as &[&str],
+        &timestamp.to_le_bytes(),
+    );
+    L2Write::Set {
+        bytes: Bytes::from(bytes),
+        ttl: retention,
     }
 }

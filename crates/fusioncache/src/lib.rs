@@ -48,16 +48,21 @@ mod l1;
 pub mod l2;
 mod l2_accessor;
 mod options;
+mod reads;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod serializer;
+mod tags;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod writes;
 
 pub use builder::FusionCacheBuilder;
 pub use cache::{BackplaneState, FusionCache};
 pub use error::Error;
+pub use factory::FactoryContext;
 pub use options::{CacheOptions, EntryOptions};
+pub use tags::RemoveByTagBehavior;
 
 /// The cache name used when none is configured (as in FusionCache).
 pub const DEFAULT_CACHE_NAME: &str = "FusionCache";

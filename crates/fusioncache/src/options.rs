@@ -1,6 +1,9 @@
 //! Options of a cache and of its entries.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::tags::RemoveByTagBehavior;
 
 /// How one entry is cached: durations, fail-safe, timeouts, and which layers an operation touches.
 ///
@@ -19,7 +22,7 @@ use std::time::Duration;
 ///     .jitter_max(Duration::from_secs(5));
 /// assert!(options.is_fail_safe_enabled());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EntryOptions {
     pub(crate) duration: Duration,
     pub(crate) l1_duration: Option<Duration>,
@@ -27,7 +30,8 @@ pub struct EntryOptions {
     pub(crate) fail_safe_max_duration: Duration,
     pub(crate) fail_safe_throttle_duration: Duration,
     pub(crate) jitter_max: Duration,
-    pub(crate) skip_l2: bool,
+    pub(crate) skip_l2_reads: bool,
+    pub(crate) skip_l2_writes: bool,
     pub(crate) skip_backplane_notifications: bool,
     pub(crate) factory_soft_timeout: Option<Duration>,
     pub(crate) factory_hard_timeout: Option<Duration>,
@@ -35,6 +39,12 @@ pub struct EntryOptions {
     pub(crate) background_l2_operations: bool,
     pub(crate) background_backplane_operations: bool,
     pub(crate) surface_l2_errors: bool,
+    /// Also return a failed publish as an error (the publish-only handle's default).
+    pub(crate) surface_backplane_errors: bool,
+    pub(crate) tags: Arc<[String]>,
+    pub(crate) l2_soft_timeout: Option<Duration>,
+    pub(crate) l2_hard_timeout: Option<Duration>,
+    pub(crate) eager_refresh_threshold: Option<f32>,
 }
 
 impl Default for EntryOptions {
@@ -46,7 +56,8 @@ impl Default for EntryOptions {
             fail_safe_max_duration: Duration::from_secs(24 * 3600),
             fail_safe_throttle_duration: Duration::from_secs(30),
             jitter_max: Duration::ZERO,
-            skip_l2: false,
+            skip_l2_reads: false,
+            skip_l2_writes: false,
             skip_backplane_notifications: false,
             factory_soft_timeout: None,
             factory_hard_timeout: None,
@@ -54,6 +65,11 @@ impl Default for EntryOptions {
             background_l2_operations: false,
             background_backplane_operations: true,
             surface_l2_errors: false,
+            surface_backplane_errors: false,
+            tags: Arc::from([]),
+            l2_soft_timeout: None,
+            l2_hard_timeout: None,
+            eager_refresh_threshold: None,
         }
     }
 }
@@ -110,10 +126,59 @@ impl EntryOptions {
         self
     }
 
-    /// Skips the distributed cache (L1 only) for this operation.
+    /// Skips the distributed cache (L1 only) for this operation: both its reads and its writes.
     #[must_use]
     pub fn skip_l2(mut self, skip: bool) -> Self {
-        self.skip_l2 = skip;
+        self.skip_l2_reads = skip;
+        self.skip_l2_writes = skip;
+        self
+    }
+
+    /// Skips reading the distributed cache: a miss in L1 goes straight to the factory (or is a miss).
+    #[must_use]
+    pub fn skip_l2_reads(mut self, skip: bool) -> Self {
+        self.skip_l2_reads = skip;
+        self
+    }
+
+    /// Skips writing the distributed cache: changes stay in this node's L1 (and are still notified).
+    #[must_use]
+    pub fn skip_l2_writes(mut self, skip: bool) -> Self {
+        self.skip_l2_writes = skip;
+        self
+    }
+
+    /// Tags the entry (FusionCache's tags): [`FusionCache::remove_by_tag`](crate::FusionCache::remove_by_tag)
+    /// later removes every entry carrying one of them, on every node. Tags are stored with the entry in L2.
+    #[must_use]
+    pub fn tags<T: Into<String>>(mut self, tags: impl IntoIterator<Item = T>) -> Self {
+        self.tags = tags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// With a fail-safe fallback at hand, an L2 read slower than this returns the fallback (the read
+    /// goes on in the background and updates L1 when it completes), and a change waits for its L2 write
+    /// at most this long (the write completes in the background).
+    #[must_use]
+    pub fn l2_soft_timeout(mut self, timeout: Duration) -> Self {
+        self.l2_soft_timeout = Some(timeout);
+        self
+    }
+
+    /// The longest an L2 call may take: a read past it counts as an L2 error (the fallback, if any, is
+    /// served), a write past it as a failed write (queued for auto-recovery).
+    #[must_use]
+    pub fn l2_hard_timeout(mut self, timeout: Duration) -> Self {
+        self.l2_hard_timeout = Some(timeout);
+        self
+    }
+
+    /// Eager refresh: once an entry is older than `threshold` (0 to 1) of its duration, a hit of
+    /// [`get_or_set_detached`](crate::FusionCache::get_or_set_detached) serves it and runs the factory in
+    /// the background, so hot entries are renewed before they expire. Values outside `(0, 1)` disable it.
+    #[must_use]
+    pub fn eager_refresh(mut self, threshold: f32) -> Self {
+        self.eager_refresh_threshold = (threshold > 0.0 && threshold < 1.0).then_some(threshold);
         self
     }
 
@@ -181,9 +246,14 @@ impl EntryOptions {
         self.fail_safe
     }
 
-    /// Whether L2 is skipped.
+    /// Whether L2 is skipped (reads and writes).
     pub fn is_l2_skipped(&self) -> bool {
-        self.skip_l2
+        self.skip_l2_reads && self.skip_l2_writes
+    }
+
+    /// The tags of the entry.
+    pub fn get_tags(&self) -> &[String] {
+        &self.tags
     }
 
     /// Whether backplane notifications are skipped.
@@ -246,6 +316,14 @@ pub struct CacheOptions {
     pub l2_circuit_breaker_duration: Duration,
     /// The most L1 refreshes from L2 (after remote `set` notifications) running at once.
     pub max_concurrent_refreshes: usize,
+    /// What a tag removal does to the entries carrying the tag (default: expire them).
+    pub remove_by_tag_behavior: RemoveByTagBehavior,
+    /// How long tag removal and clear timestamps are kept in L2: longer than any entry can live there
+    /// (its duration, or its fail-safe maximum), or an older entry would come back (default 7 days).
+    pub tag_retention: Duration,
+    /// A node that tells the others of its changes but never acts on theirs (FusionCache's
+    /// `IgnoreIncomingBackplaneNotifications`).
+    pub ignore_incoming_notifications: bool,
 }
 
 impl Default for CacheOptions {
@@ -264,6 +342,9 @@ impl Default for CacheOptions {
             backplane_circuit_breaker_duration: Duration::from_secs(1),
             l2_circuit_breaker_duration: Duration::from_secs(1),
             max_concurrent_refreshes: 64,
+            remove_by_tag_behavior: RemoveByTagBehavior::Expire,
+            tag_retention: Duration::from_secs(7 * 24 * 3600),
+            ignore_incoming_notifications: false,
         }
     }
 }

@@ -99,7 +99,7 @@ impl L2Faults {
         self.state.fail_reads.store(fail, Ordering::SeqCst);
     }
 
-    /// Makes every write (set, remove, clear) fail (`true`) or work again.
+    /// Makes every write (set, remove) fail (`true`) or work again.
     pub fn fail_writes(&self, fail: bool) {
         self.state.fail_writes.store(fail, Ordering::SeqCst);
     }
@@ -173,9 +173,12 @@ impl DistributedCache for FaultyL2 {
         self.inner.remove(key).await
     }
 
-    async fn clear(&self) -> Result<(), L2Error> {
-        self.faults.check(&self.faults.state.fail_writes)?;
-        self.inner.clear().await
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, L2Error> {
+        let s = &self.faults.state;
+        self.faults.check(&s.fail_reads)?;
+        let values = self.inner.get_many(keys).await?;
+        s.reads.fetch_add(1, Ordering::SeqCst);
+        Ok(values)
     }
 }
 

@@ -275,7 +275,7 @@ async fn soft_timeout_returns_the_fallback_and_the_factory_completes_in_backgrou
     cache.set("k", s("old")).await.unwrap();
     assert!(eventually(|| cache.peek("k").is_none()).await);
     let v = cache
-        .get_or_set("k", || async {
+        .get_or_set_detached("k", &options, |_| async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             Ok::<_, std::io::Error>(s("new"))
         })

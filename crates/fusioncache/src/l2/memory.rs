@@ -97,10 +97,4 @@ impl DistributedCache for MemoryDistributedCache {
         self.lock().remove(key);
         Ok(())
     }
-
-    async fn clear(&self) -> Result<(), L2Error> {
-        self.check()?;
-        self.lock().clear();
-        Ok(())
-    }
 }

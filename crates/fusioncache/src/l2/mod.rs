@@ -19,6 +19,7 @@ pub use memory::MemoryDistributedCache;
 
 /// An error of a distributed cache.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum L2Error {
     /// The store could not be reached or answered with an error.
     #[error("distributed cache unavailable: {0}")]
@@ -34,6 +35,9 @@ pub enum L2Error {
     /// The circuit breaker is open after recent errors; L2 is skipped for now.
     #[error("distributed cache circuit breaker is open")]
     CircuitOpen,
+    /// The operation took longer than the hard timeout of the entry options.
+    #[error("distributed cache did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// A byte store with per-entry TTL, shared by every node of a cache.
@@ -47,6 +51,13 @@ pub trait DistributedCache: Send + Sync + 'static {
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error>;
     /// Removes `key`.
     async fn remove(&self, key: &str) -> Result<(), L2Error>;
-    /// Removes every key of this cache (those under its prefix).
-    async fn clear(&self) -> Result<(), L2Error>;
+    /// The bytes stored at each of `keys`, in order (one round trip where the store allows it; the
+    /// default reads them one by one).
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, L2Error> {
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            values.push(self.get(key).await?);
+        }
+        Ok(values)
+    }
 }
