@@ -28,14 +28,19 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Features: `redis` (Redis L2 and pub/sub backplane) and `nats` (NATS backplane), both on by default; the
-//! core builds with neither.
+//! Features: `config` (the injected configuration: [`config`], `FusionCacheBuilder::with_config` and
+//! `with_injected_config`), `redis` (Redis L2 and pub/sub backplane) and `nats` (NATS backplane), all on by
+//! default; the core builds with none of them.
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backplane;
 mod builder;
 mod cache;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;
+#[cfg(feature = "config")]
 mod connect;
 mod entry;
 mod error;
@@ -45,6 +50,7 @@ mod options;
 mod receiver;
 mod recovery;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod serializer;
 
