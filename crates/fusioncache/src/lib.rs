@@ -49,6 +49,8 @@ pub mod l2;
 mod options;
 mod receiver;
 mod recovery;
+#[cfg(any(feature = "config", feature = "nats"))]
+mod redact;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
