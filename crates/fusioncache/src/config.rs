@@ -8,7 +8,7 @@
 //! A service loads it with one call, [`FusionCacheConfig::load`], which merges, from highest to lowest
 //! precedence:
 //!
-//! 1. environment variables (`FUSIONCACHE_CACHE_NAME`, …, see [`env`]),
+//! 1. environment variables (`FUSIONCACHE_CACHE_NAME`, …, see [`mod@env`]),
 //! 2. the Service Binding directory `$SERVICE_BINDING_ROOT/<name>` whose `type` file says `fusioncache`,
 //! 3. the YAML file named by `FUSIONCACHE_CONFIG`.
 //!
