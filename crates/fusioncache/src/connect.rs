@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 #[cfg(any(feature = "redis", feature = "nats"))]
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, OnceLock};
 
 #[cfg(feature = "nats")]
@@ -32,13 +32,8 @@ impl Credentials {
     fn of(parts: &[Option<&[u8]>]) -> Self {
         static KEYS: OnceLock<[RandomState; 2]> = OnceLock::new();
         let keys = KEYS.get_or_init(|| [RandomState::new(), RandomState::new()]);
-        let hash = |state: &RandomState| {
-            let mut hasher = state.build_hasher();
-            // `Option` and slices hash their discriminant and length: ("ab", "c") != ("a", "bc").
-            parts.hash(&mut hasher);
-            hasher.finish()
-        };
-        Self([hash(&keys[0]), hash(&keys[1])])
+        // `Option` and slices hash their discriminant and length: ("ab", "c") != ("a", "bc").
+        Self([keys[0].hash_one(parts), keys[1].hash_one(parts)])
     }
 }
 

@@ -269,7 +269,7 @@ fn check_pong(reply: &redis::Value, subscribed: bool) -> Result<(), String> {
 fn log_failure(connection: &RedisConnection, failures: &mut u32, error: &str) {
     *failures += 1;
     // Log the first failure and then every 20th, so an outage does not flood the logs.
-    if *failures == 1 || *failures % 20 == 0 {
+    if *failures == 1 || failures.is_multiple_of(20) {
         tracing::warn!(
             endpoint = connection.endpoint(),
             attempts = *failures,
