@@ -3,11 +3,10 @@
 //! redis-server with ACL users.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use fusioncache::config::{env, FusionCacheConfig};
 use fusioncache::FusionCache;
-use fusioncache_integration_tests::{eventually, s};
+use fusioncache_integration_tests::{acl_user, eventually, s, write_binding};
 use fusioncache_testkit::RedisServer;
 
 async fn l2_node(config: &FusionCacheConfig) -> FusionCache<String> {
@@ -32,23 +31,6 @@ fn clients_of(server: &RedisServer, user: &str) -> usize {
     list.lines()
         .filter(|l| l.contains(&format!(" user={user} ")))
         .count()
-}
-
-fn acl_user(server: &RedisServer, user: &str, password: &str) {
-    let reply = server
-        .command(&[
-            "ACL",
-            "SETUSER",
-            user,
-            "reset",
-            "on",
-            &format!(">{password}"),
-            "~*",
-            "&*",
-            "+@all",
-        ])
-        .unwrap();
-    assert_eq!(reply, "+OK\r\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,27 +61,20 @@ async fn equal_length_passwords_do_not_share_a_connection() {
     assert_eq!(clients_of(&server, "app"), 1);
 }
 
-fn write_binding(dir: &Path, url: &str, password: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (file, value) in [
-        ("type", "fusioncache"),
-        ("provider", "fusioncache-operator"),
-        ("distributed-cache", "redis"),
-        ("url", url),
-        ("username", "app"),
-        ("password", password),
-    ] {
-        std::fs::write(dir.join(file), value).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_binding_password_is_used_by_caches_built_after_the_rotation() {
     let server = RedisServer::start().unwrap();
     acl_user(&server, "app", "old-password");
     let root = server.dir().join("bindings");
     let binding = root.join("cache");
-    write_binding(&binding, &server.url(), "old-password");
+    let url = server.url();
+    let binding_values = [
+        ("distributed-cache", "redis"),
+        ("url", url.as_str()),
+        ("username", "app"),
+        ("password", "old-password"),
+    ];
+    write_binding(&binding, &binding_values);
     let env: BTreeMap<String, String> = [
         (
             env::SERVICE_BINDING_ROOT.to_string(),

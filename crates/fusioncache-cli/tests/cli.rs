@@ -1,7 +1,6 @@
 //! The `fusioncache` binary end to end, against real redis-server and nats-server processes and library
 //! nodes.
 
-use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
@@ -12,11 +11,12 @@ use fusioncache::backplane::{Backplane, BackplaneEvent};
 use fusioncache::l2::redis::RedisDistributedCache;
 use fusioncache::redis::RedisConnection;
 use fusioncache::FusionCache;
+use fusioncache_integration_tests::{acl_user, eventually, write_binding};
 use fusioncache_testkit::{NatsServer, RedisServer};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-/// How long a test waits for an output line, a process or a condition.
+/// How long a test waits for an output line or a process.
 const WAIT: Duration = Duration::from_secs(15);
 
 /// The binary, with an environment holding only what a test gives it.
@@ -135,18 +135,6 @@ async fn nats_node(url: &str, cache: &str) -> FusionCache<String> {
     node
 }
 
-/// Polls `cond` until it holds or `WAIT` passes.
-async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    cond()
-}
-
 /// A message as a .NET FusionCache node writes it, byte by byte (its instance id is a 32-digit GUID).
 fn dotnet_message(source: &str, ticks: i64, action: u8, key: &str) -> Bytes {
     let mut b = vec![0u8];
@@ -263,38 +251,11 @@ async fn publish_remove_evicts_on_library_nodes_over_redis_and_nats() {
     assert_eq!(on_redis.peek("product:43").as_deref(), Some("w"));
 }
 
-fn write_binding(dir: &Path, url: &str, password: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (file, value) in [
-        ("type", "fusioncache"),
-        ("provider", "fusioncache-operator"),
-        ("cache-name", "products"),
-        ("backplane", "redis"),
-        ("url", url),
-        ("username", "app"),
-        ("password", password),
-    ] {
-        std::fs::write(dir.join(file), value).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_through_a_service_binding_reports_round_trip_subscribers_and_redacted_config() {
     let server = RedisServer::start().unwrap();
     let password = "probe-s3cret-pw";
-    let reply = server
-        .command(&[
-            "ACL",
-            "SETUSER",
-            "app",
-            "on",
-            &format!(">{password}"),
-            "~*",
-            "&*",
-            "+@all",
-        ])
-        .unwrap();
-    assert_eq!(reply, "+OK\r\n");
+    acl_user(&server, "app", password);
     let node = redis_node(
         &format!("redis://app:{password}@127.0.0.1:{}", server.port()),
         "products",
@@ -302,7 +263,15 @@ async fn probe_through_a_service_binding_reports_round_trip_subscribers_and_reda
     .await;
     node.set("product:42", "v".into()).await.unwrap();
     let root = server.dir().join("bindings");
-    write_binding(&root.join("products-cache"), &server.url(), password);
+    let url = server.url();
+    let binding_values = [
+        ("cache-name", "products"),
+        ("backplane", "redis"),
+        ("url", url.as_str()),
+        ("username", "app"),
+        ("password", password),
+    ];
+    write_binding(&root.join("products-cache"), &binding_values);
     let env = [("SERVICE_BINDING_ROOT", root.display().to_string())];
 
     let out = run(&env, &["probe", "--count", "2"]).await;
@@ -341,9 +310,22 @@ async fn probe_through_a_service_binding_reports_round_trip_subscribers_and_reda
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_over_nats_reports_a_round_trip_and_unknown_subscribers() {
     let server = NatsServer::start().unwrap();
-    let out = run(&nats_env(&server, "orders"), &["probe"]).await;
+    // A fusioncache.yaml named by --config, and a flag over it.
+    let file = server.dir().join("fusioncache.yaml");
+    let yaml = format!("cacheName: orders\nnats:\n  url: {}\n", server.url());
+    std::fs::write(&file, yaml).unwrap();
+    let config = file.display().to_string();
+    let out = run(
+        &[],
+        &["probe", "--config", &config, "--cache-name", "invoices"],
+    )
+    .await;
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("channel:     invoices.Backplane:v2"),
+        "{text}"
+    );
     assert!(text.contains("round trip:  3 probes"), "{text}");
     assert!(text.contains("subscribers: unknown"), "{text}");
 }
