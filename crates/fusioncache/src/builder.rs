@@ -1,20 +1,24 @@
 //! Building a cache.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
+use crate::auto_recovery::AutoRecovery;
 use crate::backplane::{channel_name, Backplane};
-use crate::cache::{BackplaneState, FusionCache, Inner, KeyLocks, L2Layer};
+use crate::backplane_accessor::BackplaneAccessor;
+use crate::cache::{FusionCache, Inner};
 use crate::error::Error;
 use crate::events::{CacheEvent, EventListener, Telemetry};
+use crate::factory::KeyLocks;
+use crate::guard::KeyGuard;
+use crate::l1::L1;
 use crate::l2::DistributedCache;
+use crate::l2_accessor::L2Accessor;
 use crate::options::{CacheOptions, EntryOptions};
-use crate::recovery::{CircuitBreaker, Notifier};
 use crate::serializer::{JsonSerializer, Serializer};
 
 /// A distributed cache and the serializer of its values.
@@ -123,9 +127,16 @@ where
         self
     }
 
-    /// The most notifications queued while the backplane is unreachable (default 10 000).
+    /// The most distributed operations queued for auto-recovery (default 10 000).
     pub fn auto_recovery_max_items(mut self, items: usize) -> Self {
         self.options.auto_recovery_max_items = items.max(1);
+        self
+    }
+
+    /// How long auto-recovery waits before retrying a failed L2 write or publish (default 2 s; see
+    /// [`CacheOptions::auto_recovery_delay`]).
+    pub fn auto_recovery_delay(mut self, delay: Duration) -> Self {
+        self.options.auto_recovery_delay = delay;
         self
     }
 
@@ -251,15 +262,16 @@ where
         let options = self.options;
         let channel = channel_name(options.channel_prefix.as_deref(), Some(&options.name));
         let instance_id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        let cache_name: Arc<str> = options.name.as_str().into();
         let telemetry = Arc::new(Telemetry::new(self.listeners));
-        let l1 = moka::sync::Cache::builder()
-            .max_capacity(options.l1_max_capacity)
-            .time_to_live(options.l1_max_retention)
-            .build();
-        let l2 = self.l2.map(|(store, serializer)| L2Layer {
-            store,
-            serializer,
-            breaker: CircuitBreaker::new(options.l2_circuit_breaker_duration),
+        let l2 = self.l2.map(|(store, serializer)| {
+            L2Accessor::new(
+                store,
+                serializer,
+                options.l2_circuit_breaker_duration,
+                telemetry.clone(),
+                cache_name.clone(),
+            )
         });
         let subscription = match &self.backplane {
             Some(backplane) => {
@@ -269,40 +281,50 @@ where
             }
             None => None,
         };
-        let notifier = self.backplane.map(|backplane| {
-            Arc::new(Notifier::new(
+        let backplane = self.backplane.map(|backplane| {
+            BackplaneAccessor::new(
                 backplane,
                 channel.clone(),
                 instance_id.clone(),
                 options.backplane_circuit_breaker_duration,
-                options.auto_recovery_max_items,
                 telemetry.clone(),
-            ))
+            )
         });
-        let initial = if notifier.is_some() {
-            BackplaneState::Connecting
-        } else {
-            BackplaneState::Disabled
-        };
+        let guard = Arc::new(KeyGuard::default());
+        let recovery = Arc::new(AutoRecovery::new(
+            options.auto_recovery_max_items,
+            options.auto_recovery_delay,
+            options.auto_recovery_max_delay,
+            guard.clone(),
+            telemetry.clone(),
+        ));
         let inner = Arc::new(Inner {
+            l1: L1::new(
+                options.l1_max_capacity,
+                options.l1_max_retention,
+                options.l1_max_duration,
+            ),
             refreshes: Arc::new(Semaphore::new(options.max_concurrent_refreshes.max(1))),
             options,
             default_entry_options: self.entry_options,
             instance_id,
             channel,
-            l1,
             l2,
-            notifier,
-            stale_epoch: AtomicU64::new(0),
-            backplane_down: AtomicBool::new(false),
+            backplane,
+            recovery,
+            guard,
             telemetry,
             key_locks: KeyLocks::default(),
-            state: watch::Sender::new(initial),
-            receiver: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+            recovery_started: std::sync::Once::new(),
         });
         if let Some(subscription) = subscription {
-            let task = crate::receiver::spawn(&inner, subscription);
-            *inner.receiver.lock().expect("receiver lock") = Some(task);
+            let task = crate::backplane_accessor::spawn_receiver(&inner, subscription);
+            inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
         }
         Ok(FusionCache { inner })
     }

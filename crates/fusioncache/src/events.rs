@@ -101,16 +101,29 @@ pub enum CacheEvent<'a> {
         /// Why.
         reason: String,
     },
-    /// A notification could not be published and was queued for when the backplane is back.
-    BackplaneQueued {
+    /// A distributed operation (its L2 step and notification, or only the notification) failed and was
+    /// queued for auto-recovery.
+    AutoRecoveryQueued {
+        /// The key.
+        key: &'a str,
+        /// The operation.
+        action: Action,
+    },
+    /// A queued operation went through on a retry.
+    AutoRecoveryReplayed {
         /// The key.
         key: &'a str,
     },
-    /// The queue of pending notifications was full: the oldest was dropped.
-    BackplaneQueueOverflow {
-        /// The key of the dropped notification.
+    /// A queued operation was dropped.
+    AutoRecoveryDropped {
+        /// The key.
         key: &'a str,
+        /// Why.
+        reason: DropReason,
     },
+    /// This cache fell behind its transport (its buffer was full) and missed notifications: its whole L1
+    /// was marked stale, as after a reconnection.
+    BackplaneOverflow,
     /// The backplane subscription became active (first connection, or a reconnection).
     BackplaneConnected {
         /// `true` for a reconnection.
@@ -121,8 +134,20 @@ pub enum CacheEvent<'a> {
         /// What the transport said.
         reason: String,
     },
-    /// Every L1 entry was marked stale (after a reconnection).
+    /// Every L1 entry was marked stale (after a reconnection or a missed notification).
     L1MarkedStale,
+}
+
+/// Why an auto-recovery item left the queue without going through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// Its entry would have expired everywhere by now: nothing left to recover.
+    Expired,
+    /// A newer write of the key (from this node or another) made it obsolete.
+    Superseded,
+    /// The queue was full and this item expired soonest.
+    Overflow,
 }
 
 /// A listener of cache events.
@@ -180,16 +205,22 @@ counters! {
     backplane_malformed,
     /// Well-formed payloads of an unknown version or action, ignored.
     backplane_unsupported,
-    /// Notifications queued because the backplane was unreachable.
-    backplane_queued,
-    /// Queued notifications dropped because the queue was full.
-    backplane_queue_overflow,
-    /// Queued notifications sent after recovery.
-    backplane_replayed,
+    /// Notifications dropped because this cache fell behind its transport (each marks L1 stale).
+    backplane_overflows,
+    /// Distributed operations queued for auto-recovery (an L2 step or a publish failed).
+    auto_recovery_queued,
+    /// Queued operations that went through on a retry.
+    auto_recovery_replayed,
+    /// Queued operations dropped: expired, superseded by a newer write, or evicted from a full queue.
+    auto_recovery_dropped,
+    /// Auto-recovery passes that could not complete (L2 or the backplane still down).
+    auto_recovery_retries,
     /// Backplane reconnections.
     backplane_reconnects,
     /// Times every L1 entry was marked stale.
     l1_mark_all_stale,
+    /// Event listeners that panicked (caught; the cache went on).
+    listener_panics,
 }
 
 impl Counters {
@@ -213,13 +244,31 @@ impl Telemetry {
         }
     }
 
-    /// Calls the listeners with the event `make` builds; builds nothing when there is no listener.
+    /// Calls the listeners with the event `make` builds; builds nothing when there is no listener. A
+    /// listener that panics is caught, counted and logged: it never takes the cache (or its receive loop)
+    /// down with it.
     #[inline]
     pub(crate) fn emit<'a>(&self, make: impl FnOnce() -> CacheEvent<'a>) {
         if !self.listeners.is_empty() {
-            let event = make();
-            for listener in &self.listeners {
-                listener(&event);
+            self.dispatch(&make());
+        }
+    }
+
+    #[cold]
+    fn dispatch(&self, event: &CacheEvent<'_>) {
+        for listener in &self.listeners {
+            let call = std::panic::AssertUnwindSafe(|| listener(event));
+            if std::panic::catch_unwind(call).is_err() {
+                let n = self
+                    .counters
+                    .listener_panics
+                    .fetch_add(1, Ordering::Relaxed);
+                if n == 0 || (n + 1) % 1000 == 0 {
+                    tracing::error!(
+                        panics = n + 1,
+                        "a cache event listener panicked; the cache goes on"
+                    );
+                }
             }
         }
     }

@@ -34,6 +34,7 @@ pub struct EntryOptions {
     pub(crate) background_factory_completion: bool,
     pub(crate) background_l2_operations: bool,
     pub(crate) background_backplane_operations: bool,
+    pub(crate) surface_l2_errors: bool,
 }
 
 impl Default for EntryOptions {
@@ -52,6 +53,7 @@ impl Default for EntryOptions {
             background_factory_completion: true,
             background_l2_operations: false,
             background_backplane_operations: true,
+            surface_l2_errors: false,
         }
     }
 }
@@ -160,6 +162,15 @@ impl EntryOptions {
         self
     }
 
+    /// Makes `set`, `remove` and `expire` return the error of a failed L2 step (default `false`: they
+    /// return `Ok` once L1 is updated, as FusionCache does). Either way the failed step is queued for
+    /// auto-recovery and nothing is published until it goes through.
+    #[must_use]
+    pub fn surface_l2_errors(mut self, enabled: bool) -> Self {
+        self.surface_l2_errors = enabled;
+        self
+    }
+
     /// The freshness of the entry in the distributed cache.
     pub fn get_duration(&self) -> Duration {
         self.duration
@@ -216,10 +227,18 @@ pub struct CacheOptions {
     /// While the backplane is disconnected, L1 entries older than this are revalidated against L2 (or the
     /// factory) before they are served; L1 is still served when those fail.
     pub disconnected_l1_max_age: Duration,
-    /// The most notifications kept (one per key, newest wins) while the backplane is unreachable.
+    /// The most distributed operations queued for auto-recovery (one per key, newest wins). When full,
+    /// the items that expire soonest are dropped (and counted).
     pub auto_recovery_max_items: usize,
+    /// How long auto-recovery waits before retrying what failed (at most: the wait is jittered
+    /// between half of it and all of it, and grows while retries keep failing, up to
+    /// [`auto_recovery_max_delay`](Self::auto_recovery_max_delay)). It retries at once when the
+    /// backplane reconnects or L2 answers again.
+    pub auto_recovery_delay: Duration,
+    /// The longest wait between two auto-recovery retries.
+    pub auto_recovery_max_delay: Duration,
     /// How long the backplane circuit breaker stays open after a failed publish: publishes are queued
-    /// without trying the transport meanwhile.
+    /// for auto-recovery without trying the transport meanwhile.
     pub backplane_circuit_breaker_duration: Duration,
     /// How long the distributed-cache circuit breaker stays open after an L2 error: L2 is skipped meanwhile
     /// (reads fall back to L1 and fail-safe values), so a dead server is not hammered. Zero disables it. A
@@ -240,6 +259,8 @@ impl Default for CacheOptions {
             mark_stale_on_reconnect: true,
             disconnected_l1_max_age: Duration::ZERO,
             auto_recovery_max_items: 10_000,
+            auto_recovery_delay: Duration::from_secs(2),
+            auto_recovery_max_delay: Duration::from_secs(10),
             backplane_circuit_breaker_duration: Duration::from_secs(1),
             l2_circuit_breaker_duration: Duration::from_secs(1),
             max_concurrent_refreshes: 64,

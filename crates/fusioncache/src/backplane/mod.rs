@@ -22,6 +22,9 @@ pub mod nats;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -65,6 +68,9 @@ pub enum BackplaneError {
     /// The transport is not connected; the publish was not sent.
     #[error("backplane not connected")]
     NotConnected,
+    /// A recent publish failed and the circuit breaker is open: the publish was not tried.
+    #[error("backplane circuit breaker is open")]
+    CircuitOpen,
     /// The transport failed (network, protocol, server error).
     #[error("backplane transport error: {0}")]
     Transport(String),
@@ -91,17 +97,56 @@ pub enum BackplaneEvent {
 #[derive(Debug)]
 pub struct Subscription {
     events: mpsc::Receiver<BackplaneEvent>,
+    lag: Arc<Lag>,
+}
+
+/// What a transport could not deliver to a subscription whose buffer was full.
+#[derive(Debug, Default)]
+pub(crate) struct Lag {
+    /// Something was dropped: the subscriber must treat it as a gap.
+    missed: AtomicBool,
+    /// The last connection event that did not fit, delivered before the next buffered event.
+    state: Mutex<Option<BackplaneEvent>>,
+}
+
+impl Lag {
+    /// Records a dropped event.
+    pub(crate) fn record(&self, event: BackplaneEvent) {
+        if !matches!(event, BackplaneEvent::Message(_)) {
+            *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(event);
+        }
+        self.missed.store(true, Ordering::Release);
+    }
 }
 
 impl Subscription {
     /// A subscription fed by `events`; transports keep the sender.
     pub fn new(events: mpsc::Receiver<BackplaneEvent>) -> Self {
-        Self { events }
+        Self::with_lag(events, Arc::default())
+    }
+
+    pub(crate) fn with_lag(events: mpsc::Receiver<BackplaneEvent>, lag: Arc<Lag>) -> Self {
+        Self { events, lag }
     }
 
     /// The next event, or `None` when the transport is gone.
     pub async fn next(&mut self) -> Option<BackplaneEvent> {
-        self.events.recv().await
+        let missed_state = self
+            .lag
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match missed_state {
+            Some(state) => Some(state),
+            None => self.events.recv().await,
+        }
+    }
+
+    /// Whether events were dropped since the last call because this subscription fell behind (its buffer
+    /// was full): the subscriber may have missed notifications.
+    pub fn take_missed(&self) -> bool {
+        self.lag.missed.load(Ordering::Acquire) && self.lag.missed.swap(false, Ordering::AcqRel)
     }
 }
 

@@ -363,9 +363,7 @@ async fn greet_ready(subscriptions: &Fanout, ready: &Ready) {
         .cloned()
         .collect();
     for subject in subjects {
-        subscriptions
-            .send_to(&subject, BackplaneEvent::Connected)
-            .await;
+        subscriptions.send_to(&subject, BackplaneEvent::Connected);
     }
 }
 
@@ -397,11 +395,9 @@ async fn forward_connection_events(
             }
             Event::Disconnected | Event::Closed => {
                 tracing::warn!(%event, "nats backplane disconnected");
-                subscriptions
-                    .send_all(BackplaneEvent::Disconnected {
-                        reason: event.to_string(),
-                    })
-                    .await;
+                subscriptions.send_all(BackplaneEvent::Disconnected {
+                    reason: event.to_string(),
+                });
             }
             Event::SlowConsumer(sid) => {
                 // Messages were dropped by the client: this node may have missed notifications.
@@ -409,11 +405,9 @@ async fn forward_connection_events(
                     sid,
                     "nats slow consumer: notifications dropped; marking L1 stale"
                 );
-                subscriptions
-                    .send_all(BackplaneEvent::Disconnected {
-                        reason: event.to_string(),
-                    })
-                    .await;
+                subscriptions.send_all(BackplaneEvent::Disconnected {
+                    reason: event.to_string(),
+                });
                 greet_ready(&subscriptions, &ready).await;
             }
             other => tracing::info!(event = %other, "nats connection event"),
@@ -445,14 +439,10 @@ async fn forward_messages(client: Client, subscriptions: Fanout, ready: Ready, s
         .unwrap_or_else(|e| e.into_inner())
         .insert(subject.clone());
     if client.connection_state() == State::Connected {
-        subscriptions
-            .send_to(&subject, BackplaneEvent::Connected)
-            .await;
+        subscriptions.send_to(&subject, BackplaneEvent::Connected);
     }
     while let Some(message) = subscriber.next().await {
-        subscriptions
-            .send_to(&subject, BackplaneEvent::Message(message.payload))
-            .await;
+        subscriptions.send_to(&subject, BackplaneEvent::Message(message.payload));
     }
 }
 
@@ -474,7 +464,7 @@ impl Backplane for NatsBackplane {
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(channel);
             if ready && self.client.connection_state() == State::Connected {
-                let _ = tx.try_send(BackplaneEvent::Connected);
+                tx.deliver(BackplaneEvent::Connected);
             }
         } else {
             let task = tokio::spawn(forward_messages(

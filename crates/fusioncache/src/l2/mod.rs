@@ -12,6 +12,8 @@ pub mod redis;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 pub(crate) use envelope::{unix_ms_now as l2_envelope_now_ms, L2Envelope};
 pub use memory::MemoryDistributedCache;
 
@@ -42,7 +44,7 @@ pub trait DistributedCache: Send + Sync + 'static {
     /// The bytes stored at `key`, if any and not expired.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, L2Error>;
     /// Stores `value` at `key` for `ttl`.
-    async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), L2Error>;
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error>;
     /// Removes `key`.
     async fn remove(&self, key: &str) -> Result<(), L2Error>;
     /// Removes every key of this cache (those under its prefix).

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::{DistributedCache, L2Error};
 use crate::redis::RedisConnection;
 
@@ -77,12 +79,12 @@ impl DistributedCache for RedisDistributedCache {
             .map_err(unavailable)
     }
 
-    async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), L2Error> {
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error> {
         let mut conn = self.conn().await?;
         let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
         redis::cmd("SET")
             .arg(self.key(key))
-            .arg(value)
+            .arg(value.as_ref())
             .arg("PX")
             .arg(ttl_ms)
             .query_async::<()>(&mut conn)
