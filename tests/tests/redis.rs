@@ -255,7 +255,11 @@ async fn an_acl_user_from_the_url_works_and_a_wrong_password_is_a_clear_error() 
         .build()
         .unwrap();
     let surfaced = EntryOptions::new().surface_l2_errors(true);
-    let err = denied.set_with("k", s("v"), &surfaced).await.unwrap_err().to_string();
+    let err = denied
+        .set_with("k", s("v"), &surfaced)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("distributed cache"), "{err}");
     assert!(!err.contains("wrong"), "no password in the error: {err}");
     let err = denied.try_get("other").await.unwrap_err().to_string();
