@@ -234,6 +234,8 @@ where
     /// assert_eq!(cache.channel(), "products.Backplane:v2");
     /// # Ok(()) }
     /// ```
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
     pub async fn with_config(
         mut self,
         config: &crate::config::FusionCacheConfig,
@@ -266,6 +268,8 @@ where
     /// [`with_config`](Self::with_config) with the configuration of this process:
     /// [`FusionCacheConfig::load`](crate::config::FusionCacheConfig::load) (environment variables, Service
     /// Binding, `FUSIONCACHE_CONFIG` file).
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
     pub async fn with_injected_config(self) -> Result<Self, Error>
     where
         V: Serialize + DeserializeOwned,

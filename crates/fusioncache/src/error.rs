@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::backplane::BackplaneError;
+#[cfg(feature = "config")]
 use crate::config::ConfigError;
 use crate::l2::L2Error;
 use crate::serializer::SerializerError;
@@ -48,6 +49,8 @@ pub enum Error {
     #[error(transparent)]
     Backplane(#[from] BackplaneError),
     /// The cache could not be configured.
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// Building the cache needs a Tokio runtime (for the backplane task) and none is running.

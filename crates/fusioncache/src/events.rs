@@ -273,7 +273,7 @@ impl Telemetry {
                     .counters
                     .listener_panics
                     .fetch_add(1, Ordering::Relaxed);
-                if n == 0 || (n + 1) % 1000 == 0 {
+                if n == 0 || (n + 1).is_multiple_of(1000) {
                     tracing::error!(
                         panics = n + 1,
                         "a cache event listener panicked; the cache goes on"

@@ -16,8 +16,10 @@ mod fanout;
 mod memory;
 mod message;
 #[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -69,8 +69,8 @@ pub fn validate_subject(subject: &str) -> Result<(), BackplaneError> {
     Ok(())
 }
 
-/// How to connect to NATS.
-#[derive(Debug, Clone)]
+/// How to connect to NATS. `Debug` hides the seed, the token, the password and the URLs' userinfo.
+#[derive(Clone)]
 pub struct NatsOptions {
     /// Server URLs, comma separated (`nats://`, `tls://`; credentials may be inline).
     pub url: String,
@@ -92,6 +92,28 @@ pub struct NatsOptions {
     pub name: Option<String>,
     /// The longest a connection attempt may take (default 2 s).
     pub connection_timeout: Duration,
+}
+
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::redact::{url, REDACTED};
+        let secret = |s: &Option<String>| s.as_ref().map(|_| REDACTED);
+        f.debug_struct("NatsOptions")
+            .field("url", &url(&self.url))
+            .field("credentials_file", &self.credentials_file)
+            .field("nkey_seed", &secret(&self.nkey_seed))
+            .field("token", &secret(&self.token))
+            .field(
+                "user_password",
+                &self.user_password.as_ref().map(|(u, _)| (u, REDACTED)),
+            )
+            .field("tls_required", &self.tls_required)
+            .field("root_certificates", &self.root_certificates)
+            .field("client_certificate", &self.client_certificate)
+            .field("name", &self.name)
+            .field("connection_timeout", &self.connection_timeout)
+            .finish()
+    }
 }
 
 impl NatsOptions {
