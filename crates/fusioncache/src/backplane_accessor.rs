@@ -217,7 +217,10 @@ where
             }
         }
         // Other internal keys (liveness probes): nothing to apply, not counted as notifications.
-        _ if key.starts_with(INTERNAL_KEY_PREFIX) => return,
+        _ if key.starts_with(INTERNAL_KEY_PREFIX) => {
+            Counters::incr(&counters.backplane_probes);
+            return;
+        }
         Action::Set => {
             let older = guard.observe(key, ts, || inner.l1.mark_stale(key, |e| e.timestamp < ts));
             if older && inner.l2.is_some() {

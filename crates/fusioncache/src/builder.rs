@@ -54,6 +54,8 @@ pub struct FusionCacheBuilder<V> {
     /// Which of name / channel prefix were set explicitly (they win over injected configuration).
     explicit_name: bool,
     explicit_channel_prefix: bool,
+    /// No subscription at all (the publish-only handle).
+    pub(crate) publish_only: bool,
 }
 
 impl<V> Default for FusionCacheBuilder<V>
@@ -79,6 +81,7 @@ where
             listeners: Vec::new(),
             explicit_name: false,
             explicit_channel_prefix: false,
+            publish_only: false,
         }
     }
 
@@ -296,6 +299,10 @@ where
             )
         });
         let subscription = match &self.backplane {
+            Some(backplane) if self.publish_only => {
+                backplane.validate_channel(&channel)?;
+                None
+            }
             Some(backplane) => {
                 tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
                 backplane.validate_channel(&channel)?;

@@ -211,6 +211,8 @@ counters! {
     backplane_received,
     /// Own notifications that came back and were ignored.
     backplane_self_ignored,
+    /// Messages on internal keys other than tags (liveness probes, `__fc:probe`), ignored.
+    backplane_probes,
     /// Malformed payloads dropped.
     backplane_malformed,
     /// Well-formed payloads of an unknown version or action, ignored.

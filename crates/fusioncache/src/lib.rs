@@ -55,6 +55,7 @@ mod guard;
 mod l1;
 pub mod l2;
 mod l2_accessor;
+mod notifier;
 mod options;
 mod reads;
 #[cfg(any(feature = "config", feature = "nats"))]
@@ -72,8 +73,14 @@ pub use builder::FusionCacheBuilder;
 pub use cache::{BackplaneState, FusionCache};
 pub use error::Error;
 pub use factory::FactoryContext;
+pub use notifier::{CacheNotifier, CacheNotifierBuilder};
 pub use options::{CacheOptions, EntryOptions};
 pub use tags::RemoveByTagBehavior;
+
+/// The README's examples, compiled as doctests so that they cannot rot.
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
 
 /// The cache name used when none is configured (as in FusionCache).
 pub const DEFAULT_CACHE_NAME: &str = "FusionCache";
