@@ -40,6 +40,7 @@ features:
 	$(CARGO) test -p fusioncache --no-default-features
 	$(CARGO) test -p fusioncache --no-default-features --features redis
 	$(CARGO) test -p fusioncache --no-default-features --features nats
+	$(CARGO) test -p fusioncache --features metrics --test metrics
 
 # Every locked dependency of a published crate builds with the rust-version it declares (checked from
 # `cargo metadata`: one toolchain only here).

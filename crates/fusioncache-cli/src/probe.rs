@@ -55,7 +55,7 @@ pub async fn run(
                         "probe {n}: the subscription dropped: {reason}"
                     )))
                 }
-                Ok(Some(BackplaneEvent::Connected)) => {}
+                Ok(Some(_)) => {} // connected again, or events of newer library versions
                 Ok(None) => {
                     return Err(Failure::Transport(format!(
                         "probe {n}: the transport stopped"

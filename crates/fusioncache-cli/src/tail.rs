@@ -51,7 +51,7 @@ pub async fn run(
                 lost = false;
                 eprintln!("subscribed to {channel} again")
             }
-            Some(BackplaneEvent::Connected) => {}
+            Some(_) => {} // still connected, or events of newer library versions
             None => {
                 return Err(Failure::Transport(format!(
                     "the {} transport stopped",

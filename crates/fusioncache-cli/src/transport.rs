@@ -117,7 +117,7 @@ impl Transport {
             match tokio::time::timeout_at(deadline, subscription.next()).await {
                 Ok(Some(BackplaneEvent::Connected)) => return Ok(subscription),
                 Ok(Some(BackplaneEvent::Disconnected { reason })) => last_reason = Some(reason),
-                Ok(Some(BackplaneEvent::Message(_))) => {}
+                Ok(Some(_)) => {} // messages before the subscription counts as live
                 Ok(None) => {
                     return Err(Failure::Transport(format!(
                         "the {} transport stopped",

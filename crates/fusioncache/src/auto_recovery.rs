@@ -30,10 +30,11 @@ use tokio::sync::Notify;
 
 use crate::backplane::Action;
 use crate::cache::Inner;
-use crate::events::{CacheEvent, Counters, DropReason, Telemetry};
+use crate::events::{CacheEvent, DropReason};
 use crate::guard::KeyGuard;
 use crate::l2::l2_envelope_now_ms;
 use crate::l2_accessor::L2Write;
+use crate::telemetry::{Counters, Telemetry};
 
 /// One queued distributed operation.
 #[derive(Debug, Clone)]

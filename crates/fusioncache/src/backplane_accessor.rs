@@ -27,8 +27,9 @@ use crate::backplane::{
 };
 use crate::cache::{BackplaneState, Inner};
 use crate::circuit_breaker::CircuitBreaker;
-use crate::events::{CacheEvent, Counters, Telemetry};
+use crate::events::CacheEvent;
 use crate::tags::{INTERNAL_KEY_PREFIX, TAG_KEY_PREFIX};
+use crate::telemetry::{Counters, Telemetry};
 
 /// The backplane of one cache: its channel, its publish path and its connection state.
 pub(crate) struct BackplaneAccessor {
@@ -81,6 +82,19 @@ impl BackplaneAccessor {
         self.state.send_replace(state);
     }
 
+    fn breaker_changed(&self, open: bool) {
+        let counters = &self.telemetry.counters;
+        Counters::incr(if open {
+            &counters.backplane_breaker_opened
+        } else {
+            &counters.backplane_breaker_closed
+        });
+        self.telemetry.emit(|| CacheEvent::CircuitBreaker {
+            layer: crate::events::Layer::Backplane,
+            open,
+        });
+    }
+
     /// Publishes one notification. An error means it was not sent (the caller queues it). A `probe`
     /// (auto-recovery's paced retries) goes through an open breaker.
     pub async fn publish(
@@ -96,7 +110,9 @@ impl BackplaneAccessor {
         let payload = BackplaneMessage::new(&self.instance_id, timestamp, action, key).encode();
         match self.backplane.publish(&self.channel, payload).await {
             Ok(()) => {
-                self.breaker.reset();
+                if self.breaker.reset() {
+                    self.breaker_changed(false);
+                }
                 Counters::incr(&self.telemetry.counters.backplane_sent);
                 self.telemetry
                     .emit(|| CacheEvent::BackplaneSent { key, action });
@@ -104,6 +120,7 @@ impl BackplaneAccessor {
             }
             Err(error) => {
                 if self.breaker.trip() {
+                    self.breaker_changed(true);
                     tracing::warn!(channel = %self.channel, key, %error, "backplane publish failed; queued for auto-recovery");
                 }
                 Err(error)
@@ -153,7 +170,9 @@ where
                         inner.mark_all_stale();
                     }
                 }
-                bp.breaker.reset();
+                if bp.breaker.reset() {
+                    bp.breaker_changed(false);
+                }
                 if let Some(l2) = &inner.l2 {
                     // The connection is back: try L2 again at once rather than serve fail-safe values.
                     l2.reset_breaker();
@@ -204,6 +223,7 @@ where
         return;
     }
     let (key, ts) = (msg.cache_key, msg.timestamp);
+    let _span = tracing::trace_span!("notification received", cache = %inner.options.name, key, action = ?msg.action).entered();
     // A newer change of the key still queued here wins: it will reach the others.
     if !inner.recovery.admit_incoming(key, ts) {
         return;
@@ -233,6 +253,7 @@ where
         }
     }
     Counters::incr(&counters.backplane_received);
+    counters.record_lag(ts);
     inner.telemetry.emit(|| CacheEvent::BackplaneReceived {
         key,
         action: msg.action,

@@ -12,7 +12,7 @@ use crate::backplane::{channel_name, Backplane};
 use crate::backplane_accessor::BackplaneAccessor;
 use crate::cache::{FusionCache, Inner};
 use crate::error::Error;
-use crate::events::{CacheEvent, EventListener, Telemetry};
+use crate::events::{CacheEvent, EventListener};
 use crate::factory::KeyLocks;
 use crate::guard::KeyGuard;
 use crate::l1::L1;
@@ -21,6 +21,7 @@ use crate::l2_accessor::L2Accessor;
 use crate::options::{CacheOptions, EntryOptions};
 use crate::serializer::{JsonSerializer, Serializer};
 use crate::tags::Tags;
+use crate::telemetry::Telemetry;
 
 /// A distributed cache and the serializer of its values.
 type L2Parts<V> = (Arc<dyn DistributedCache>, Arc<dyn Serializer<V>>);
@@ -288,7 +289,7 @@ where
         let channel = channel_name(options.channel_prefix.as_deref(), Some(&options.name));
         let instance_id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
         let cache_name: Arc<str> = options.name.as_str().into();
-        let telemetry = Arc::new(Telemetry::new(self.listeners));
+        let telemetry = Arc::new(Telemetry::new(self.listeners, &options.name));
         let l2 = self.l2.map(|(store, serializer)| {
             L2Accessor::new(
                 store,

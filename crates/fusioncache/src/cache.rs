@@ -12,17 +12,19 @@ use std::time::Duration;
 
 use quanta::Instant;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::auto_recovery::AutoRecovery;
 use crate::backplane::{now_ticks, Action};
 use crate::backplane_accessor::BackplaneAccessor;
 use crate::error::{BoxError, Error};
-use crate::events::{CacheEvent, CacheStats, Counters, Telemetry};
+use crate::events::{CacheEvent, CacheStats};
 use crate::factory::{FactoryContext, KeyLocks};
 use crate::guard::KeyGuard;
 use crate::l1::{L1Lookup, L1};
 use crate::l2_accessor::{L2Accessor, L2Write};
 use crate::options::{CacheOptions, EntryOptions};
+use crate::telemetry::{Counters, Telemetry};
 use crate::FusionCacheBuilder;
 
 /// The state of a cache's backplane subscription.
@@ -221,7 +223,9 @@ where
             self.inner.record_l1_hit(key);
             return Some(v);
         }
+        let span = self.inner.span("get", key);
         Box::pin(self.inner.get_slow(key, &self.inner.default_entry_options))
+            .instrument(span)
             .await
             .unwrap_or(None)
     }
@@ -232,7 +236,10 @@ where
             self.inner.record_l1_hit(key);
             return Ok(Some(v));
         }
-        Box::pin(self.inner.get_slow(key, &self.inner.default_entry_options)).await
+        let span = self.inner.span("try_get", key);
+        Box::pin(self.inner.get_slow(key, &self.inner.default_entry_options))
+            .instrument(span)
+            .await
     }
 
     /// Sets `key` with the default entry options. See [`set_with`](Self::set_with).
@@ -249,7 +256,9 @@ where
     pub async fn set_with(&self, key: &str, value: V, options: &EntryOptions) -> Result<(), Error> {
         let timestamp = now_ticks();
         let hold = self.inner.guard.hold(key, Some(timestamp));
-        Inner::set_held(&self.inner, hold, value, timestamp, options).await
+        Inner::set_held(&self.inner, hold, value, timestamp, options)
+            .instrument(self.inner.span("set", key))
+            .await
     }
 
     /// Removes `key` from L1 and L2 and tells the other nodes to evict it, whether or not this node held it.
@@ -274,6 +283,7 @@ where
             Some(L2Write::Remove),
             options,
         )
+        .instrument(inner.span("remove", key))
         .await
     }
 
@@ -305,6 +315,7 @@ where
             Some(L2Write::Remove),
             options,
         )
+        .instrument(inner.span("expire", key))
         .await
     }
 
@@ -331,7 +342,11 @@ where
             self.inner
                 .telemetry
                 .emit(|| CacheEvent::RemoveByTag { tag });
-            Inner::remove_tag(&self.inner, tag).await?;
+            Inner::remove_tag(&self.inner, tag)
+                .instrument(
+                    tracing::debug_span!("remove_by_tag", cache = %self.inner.options.name, tag),
+                )
+                .await?;
         }
         Ok(())
     }
@@ -360,7 +375,9 @@ where
         inner
             .telemetry
             .emit(|| CacheEvent::Clear { allow_fail_safe });
-        Inner::remove_tag(inner, tag).await
+        Inner::remove_tag(inner, tag)
+            .instrument(tracing::debug_span!("clear", cache = %inner.options.name, allow_fail_safe))
+            .await
     }
 
     /// The value of `key`, or the factory's, which is then cached. See
@@ -447,7 +464,9 @@ where
             return Ok(v);
         }
         // The slow path is boxed so that the future of a hit stays small (it is moved on every call).
-        Box::pin(Inner::get_or_set_inline(inner, key, options, factory)).await
+        Box::pin(Inner::get_or_set_inline(inner, key, options, factory))
+            .instrument(inner.span("get_or_set", key))
+            .await
     }
 
     /// [`get_or_set_adaptive`](Self::get_or_set_adaptive) for a factory that owns what it uses
@@ -479,7 +498,9 @@ where
             }
             _ => {}
         }
-        Box::pin(Inner::get_or_set_spawned(inner, key, options, factory)).await
+        Box::pin(Inner::get_or_set_spawned(inner, key, options, factory))
+            .instrument(inner.span("get_or_set", key))
+            .await
     }
 }
 
@@ -503,6 +524,11 @@ where
     pub(crate) fn lookup_l1_for_refresh(&self, key: &str) -> L1Lookup<V> {
         self.l1
             .lookup_for_refresh(key, Instant::now(), self.untrusted_after())
+    }
+
+    /// The span of an operation that goes past L1 (debug level: free when disabled).
+    pub(crate) fn span(&self, operation: &'static str, key: &str) -> tracing::Span {
+        tracing::debug_span!("fusioncache", operation, cache = %self.options.name, key)
     }
 
     #[inline]

@@ -256,6 +256,7 @@ pub struct FusionCacheConfig {
 
 /// An error in the injected configuration. It names the key (or file) and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// A value that does not parse or is out of range.
     #[error("invalid configuration value for `{key}`: {reason}")]

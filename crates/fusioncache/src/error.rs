@@ -13,6 +13,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// An error of a cache operation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The factory of `get_or_set` failed and no fail-safe value could stand in.
     #[error("factory for key `{key}` failed: {source}")]

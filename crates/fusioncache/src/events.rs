@@ -25,7 +25,6 @@
 //! # }
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backplane::Action;
@@ -144,6 +143,23 @@ pub enum CacheEvent<'a> {
     },
     /// Every L1 entry was marked stale (after a reconnection or a missed notification).
     L1MarkedStale,
+    /// A circuit breaker opened (calls to that layer are skipped for a while) or closed again.
+    CircuitBreaker {
+        /// Which layer.
+        layer: Layer,
+        /// `true` when it opened.
+        open: bool,
+    },
+}
+
+/// A distributed layer of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Layer {
+    /// The distributed cache (L2).
+    Distributed,
+    /// The backplane.
+    Backplane,
 }
 
 /// Why an auto-recovery item left the queue without going through.
@@ -161,127 +177,4 @@ pub enum DropReason {
 /// A listener of cache events.
 pub type EventListener = Arc<dyn Fn(&CacheEvent<'_>) + Send + Sync>;
 
-macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),+ $(,)?) => {
-        /// A snapshot of a cache's counters.
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-        pub struct CacheStats {
-            $($(#[$doc])* pub $name: u64,)+
-        }
-
-        #[derive(Debug, Default)]
-        pub(crate) struct Counters {
-            $(pub(crate) $name: AtomicU64,)+
-        }
-
-        impl Counters {
-            pub(crate) fn snapshot(&self) -> CacheStats {
-                CacheStats { $($name: self.$name.load(Ordering::Relaxed),)+ }
-            }
-        }
-    };
-}
-
-counters! {
-    /// Fresh values served from L1.
-    l1_hits,
-    /// Fresh values served from L2.
-    l2_hits,
-    /// Reads that found nothing usable.
-    misses,
-    /// Expired values served as fail-safe fallbacks.
-    stale_served,
-    /// Values written.
-    sets,
-    /// Entries removed.
-    removes,
-    /// Entries marked expired.
-    expires,
-    /// Tag removals (`remove_by_tag`).
-    removes_by_tag,
-    /// Factory runs.
-    factory_runs,
-    /// Factory runs that failed or timed out.
-    factory_errors,
-    /// Distributed-cache errors.
-    l2_errors,
-    /// Notifications published.
-    backplane_sent,
-    /// Notifications from other nodes applied.
-    backplane_received,
-    /// Own notifications that came back and were ignored.
-    backplane_self_ignored,
-    /// Messages on internal keys other than tags (liveness probes, `__fc:probe`), ignored.
-    backplane_probes,
-    /// Malformed payloads dropped.
-    backplane_malformed,
-    /// Well-formed payloads of an unknown version or action, ignored.
-    backplane_unsupported,
-    /// Notifications dropped because this cache fell behind its transport (each marks L1 stale).
-    backplane_overflows,
-    /// Distributed operations queued for auto-recovery (an L2 step or a publish failed).
-    auto_recovery_queued,
-    /// Queued operations that went through on a retry.
-    auto_recovery_replayed,
-    /// Queued operations dropped: expired, superseded by a newer write, or evicted from a full queue.
-    auto_recovery_dropped,
-    /// Auto-recovery passes that could not complete (L2 or the backplane still down).
-    auto_recovery_retries,
-    /// Backplane reconnections.
-    backplane_reconnects,
-    /// Times every L1 entry was marked stale.
-    l1_mark_all_stale,
-    /// Event listeners that panicked (caught; the cache went on).
-    listener_panics,
-}
-
-impl Counters {
-    pub(crate) fn incr(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Counters and listeners of one cache, shared by its parts.
-#[derive(Default)]
-pub(crate) struct Telemetry {
-    pub(crate) counters: Counters,
-    listeners: Vec<EventListener>,
-}
-
-impl Telemetry {
-    pub(crate) fn new(listeners: Vec<EventListener>) -> Self {
-        Self {
-            counters: Counters::default(),
-            listeners,
-        }
-    }
-
-    /// Calls the listeners with the event `make` builds; builds nothing when there is no listener. A
-    /// listener that panics is caught, counted and logged: it never takes the cache (or its receive loop)
-    /// down with it.
-    #[inline]
-    pub(crate) fn emit<'a>(&self, make: impl FnOnce() -> CacheEvent<'a>) {
-        if !self.listeners.is_empty() {
-            self.dispatch(&make());
-        }
-    }
-
-    #[cold]
-    fn dispatch(&self, event: &CacheEvent<'_>) {
-        for listener in &self.listeners {
-            let call = std::panic::AssertUnwindSafe(|| listener(event));
-            if std::panic::catch_unwind(call).is_err() {
-                let n = self
-                    .counters
-                    .listener_panics
-                    .fetch_add(1, Ordering::Relaxed);
-                if n == 0 || (n + 1).is_multiple_of(1000) {
-                    tracing::error!(
-                        panics = n + 1,
-                        "a cache event listener panicked; the cache goes on"
-                    );
-                }
-            }
-        }
-    }
-}
+pub use crate::telemetry::CacheStats;

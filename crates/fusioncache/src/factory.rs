@@ -13,11 +13,12 @@ use std::time::Duration;
 use crate::backplane::now_ticks;
 use crate::cache::Inner;
 use crate::error::{BoxError, Error};
-use crate::events::{CacheEvent, Counters};
+use crate::events::CacheEvent;
 use crate::guard::Hold;
 use crate::l1::{EntryTags, L1Lookup, Lifetime};
 use crate::options::EntryOptions;
 use crate::reads::L2Outcome;
+use crate::telemetry::Counters;
 
 /// What a factory can decide about the entry it produces, once it knows the data (FusionCache's
 /// adaptive caching). Cheap to clone; changes made through any clone count.

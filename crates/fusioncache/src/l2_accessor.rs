@@ -9,10 +9,11 @@ use bytes::Bytes;
 
 use crate::circuit_breaker::CircuitBreaker;
 use crate::error::Error;
-use crate::events::{CacheEvent, Counters, Telemetry};
+use crate::events::CacheEvent;
 use crate::l2::{l2_envelope_now_ms, DistributedCache, L2Envelope, L2Error};
 use crate::options::EntryOptions;
 use crate::serializer::Serializer;
+use crate::telemetry::{Counters, Telemetry};
 
 /// A value decoded from L2, with what its envelope says of its freshness.
 pub(crate) struct L2Entry<V> {
@@ -76,7 +77,9 @@ where
 
     /// Closes the breaker (the backplane came back: L2 is likely back too).
     pub fn reset_breaker(&self) {
-        self.breaker.reset();
+        if self.breaker.reset() {
+            self.breaker_changed(false);
+        }
     }
 
     /// Awaits an L2 call through the circuit breaker, recording failures. `Ok(true)` in the second slot
@@ -92,13 +95,34 @@ where
             return Err(L2Error::CircuitOpen);
         }
         match op.await {
-            Ok(v) => Ok((v, self.breaker.reset())),
+            Ok(v) => {
+                let recovered = self.breaker.reset();
+                if recovered {
+                    self.breaker_changed(false);
+                }
+                Ok((v, recovered))
+            }
             Err(e) => {
-                self.breaker.trip();
+                if self.breaker.trip() {
+                    self.breaker_changed(true);
+                }
                 self.record_error(key, &e);
                 Err(e)
             }
         }
+    }
+
+    fn breaker_changed(&self, open: bool) {
+        let counters = &self.telemetry.counters;
+        Counters::incr(if open {
+            &counters.l2_breaker_opened
+        } else {
+            &counters.l2_breaker_closed
+        });
+        self.telemetry.emit(|| CacheEvent::CircuitBreaker {
+            layer: crate::events::Layer::Distributed,
+            open,
+        });
     }
 
     pub fn record_error(&self, key: Option<&str>, error: &L2Error) {

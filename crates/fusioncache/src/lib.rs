@@ -65,13 +65,14 @@ mod redact;
 pub mod redis;
 pub mod serializer;
 mod tags;
+mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod writes;
 
 pub use builder::FusionCacheBuilder;
 pub use cache::{BackplaneState, FusionCache};
-pub use error::Error;
+pub use error::{BoxError, Error};
 pub use factory::FactoryContext;
 pub use notifier::{CacheNotifier, CacheNotifierBuilder};
 pub use options::{CacheOptions, EntryOptions};

@@ -279,6 +279,7 @@ impl EntryOptions {
 
 /// Options of a whole cache, set through [`FusionCacheBuilder`](crate::FusionCacheBuilder).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CacheOptions {
     /// The cache name: the default channel prefix, and a label in logs and events.
     pub name: String,

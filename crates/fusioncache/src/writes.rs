@@ -8,13 +8,14 @@ use crate::auto_recovery::RecoveryItem;
 use crate::backplane::{now_ticks, Action};
 use crate::cache::Inner;
 use crate::error::Error;
-use crate::events::{CacheEvent, Counters};
+use crate::events::CacheEvent;
 use crate::guard::Hold;
 use crate::l1::Lifetime;
 use crate::l2::{l2_envelope_now_ms, L2Error};
 use crate::l2_accessor::{timestamp_entry, L2Write};
 use crate::options::EntryOptions;
 use crate::tags::tag_key;
+use crate::telemetry::Counters;
 
 /// A change's distributed part, as it is run (and queued, if it fails).
 struct DistributedOp {

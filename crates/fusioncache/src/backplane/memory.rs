@@ -74,6 +74,7 @@ impl MemoryBackplane {
     }
 
     /// The number of live subscriptions on `channel`.
+    #[cfg(feature = "testing")]
     pub fn subscriber_count(&self, channel: &str) -> usize {
         self.inner.subscriptions.subscribers(Some(channel)).len()
     }

@@ -56,6 +56,7 @@ pub fn channel_name(channel_prefix: Option<&str>, cache_name: Option<&str>) -> S
 
 /// An error of a backplane transport.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackplaneError {
     /// The channel name cannot be used on this transport (e.g. not a valid NATS subject).
     #[error("invalid backplane channel `{channel}`: {reason}")]
@@ -81,6 +82,7 @@ pub enum BackplaneError {
 
 /// Something a subscription reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BackplaneEvent {
     /// The subscription is (again) active: messages published from now on will arrive.
     Connected,
