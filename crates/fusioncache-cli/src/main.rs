@@ -12,9 +12,10 @@ mod transport;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
-use fusioncache::backplane::Action;
 
+use crate::notify::Change;
 use crate::settings::Target;
 
 const ABOUT: &str =
@@ -26,17 +27,25 @@ Watch and drive the backplane of a FusionCache deployment (Redis pub/sub or NATS
 It reads the configuration the operator injects, as the library does: the FUSIONCACHE_* environment
 variables, then the Service Binding under $SERVICE_BINDING_ROOT, then the YAML file named by
 FUSIONCACHE_CONFIG. The flags below override them. The Redis password is read from
-FUSIONCACHE_REDIS_PASSWORD or the binding, never from a flag (flags show in `ps`).";
+FUSIONCACHE_REDIS_PASSWORD or the binding, never from a flag (flags show in `ps`).
+
+publish, clear and remove-by-tag act as a node of the cache would: when the configuration has a
+distributed cache (L2) — FUSIONCACHE_DISTRIBUTED_CACHE=redis, or any Redis URL unless it says
+none — they write it first (delete the entry, or store the clear or tag timestamp under the key
+prefix), then send the notification. --no-l2 sends the notifications only.";
 
 const AFTER_HELP: &str = "\
 Examples:
   fusioncache tail                                   # in a pod the operator configured
   fusioncache --redis-url redis://cache:6379 --cache-name products tail --json
   fusioncache probe                                  # round trip, subscribers, resolved configuration
-  fusioncache publish remove product:42 product:43   # from a deploy script
-  fusioncache --nats-url nats://nats:4222 --channel-prefix shop.prod.products clear
+  fusioncache publish remove product:42 product:43   # L2 entries deleted, then nodes evict
+  fusioncache publish --no-l2 expire product:42      # the notification only
+  fusioncache remove-by-tag category:7               # FusionCache's RemoveByTag
+  fusioncache clear                                  # expire all (fail-safe values stay usable)
+  fusioncache --nats-url nats://nats:4222 --channel-prefix shop.prod.products clear --remove
 
-Exit status: 0 on success, 1 when the transport fails (unreachable, timeout, publish refused),
+Exit status: 0 on success, 1 when the L2 or the backplane fails (unreachable, timeout, refused),
 2 for bad usage or configuration.";
 
 /// The command line.
@@ -83,29 +92,65 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Tell every node that keys changed (as a node does after a write)
+    /// Tell every node that keys changed, as a node of the cache does after a change
     ///
-    /// What the nodes do, by action:
-    ///   remove   evict the keys from L1
-    ///   expire   mark them stale (still usable as fail-safe fallbacks)
-    ///   set      refresh from L2 a copy older than the notification
+    /// With a distributed cache (L2) configured, each key's L2 step comes first, then the
+    /// notification:
+    ///   remove   delete the L2 entry; the nodes evict the key
+    ///   expire   delete the L2 entry; the nodes mark their copy stale (still usable as a
+    ///            fail-safe fallback)
+    ///   set      no L2 step (whoever wrote the value wrote L2); nodes holding an older copy
+    ///            reload it from L2
     ///
-    /// Only the notifications are sent: the distributed cache (L2) is not touched.
+    /// A Redis URL configures the L2 (entries at KEY_PREFIX{key} in the Redis database) unless
+    /// FUSIONCACHE_DISTRIBUTED_CACHE=none; --no-l2 sends the notifications only. The keys go one
+    /// after the other; the first failure stops the command with exit status 1, and a key whose L2
+    /// step failed was not announced.
     #[command(verbatim_doc_comment)]
     Publish {
         /// What happened to the keys.
         #[arg(value_enum)]
         action: PublishAction,
         /// The cache keys.
-        #[arg(required = true, value_name = "KEY")]
+        #[arg(required = true, value_name = "KEY", value_parser = NonEmptyStringValueParser::new())]
         keys: Vec<String>,
+        #[command(flatten)]
+        steps: notify::Steps,
     },
-    /// Tell every node to clear its cache (the notification FusionCache's `Clear()` sends)
+    /// Clear the cache on every node, as FusionCache's `Clear()` does
     ///
-    /// A `set` on the reserved key `__fc:t:*`. Only the notification is sent: nodes that check the
-    /// clear timestamp in L2 (.NET FusionCache) keep their entries until a cache writes that timestamp.
+    /// Default: expire all. Every entry written before now counts as expired: plain reads miss, a
+    /// fail-safe read still gets the old value. --remove: remove all, nothing is served even with
+    /// fail-safe (`Clear(allowFailSafe: false)`).
+    ///
+    /// A clear is one timestamp, not a scan: with an L2 configured it is written there first, as the
+    /// entry __fc:t:* (expire all) or __fc:t:! (remove all) under the key prefix, so that nodes
+    /// started later honour it too; then a `set` notification on that key tells the running nodes.
+    /// No key is deleted: other data in the same database is untouched, and entries written after the
+    /// clear survive. With --no-l2 only the running nodes hear of it.
     #[command(verbatim_doc_comment)]
-    Clear,
+    Clear {
+        /// Remove all, rather than expire all (no fail-safe fallback survives).
+        #[arg(long)]
+        remove: bool,
+        #[command(flatten)]
+        steps: notify::Steps,
+    },
+    /// Remove the entries carrying any of the tags, on every node (FusionCache's `RemoveByTag`)
+    ///
+    /// Like clear, one timestamp per tag: written to L2 first when one is configured (the entry
+    /// __fc:t:TAG under the key prefix), then announced as a `set` notification on that key. Entries
+    /// with the tag written before it count as gone (expired, or removed per the cache's
+    /// remove-by-tag behaviour) on the running nodes and on nodes started later; entries written
+    /// afterwards survive, untagged ones are untouched.
+    #[command(verbatim_doc_comment)]
+    RemoveByTag {
+        /// The tags.
+        #[arg(required = true, value_name = "TAG", value_parser = NonEmptyStringValueParser::new())]
+        tags: Vec<String>,
+        #[command(flatten)]
+        steps: notify::Steps,
+    },
 }
 
 /// The action of `publish`.
@@ -119,12 +164,12 @@ enum PublishAction {
     Set,
 }
 
-impl From<PublishAction> for Action {
-    fn from(a: PublishAction) -> Action {
-        match a {
-            PublishAction::Remove => Action::Remove,
-            PublishAction::Expire => Action::Expire,
-            PublishAction::Set => Action::Set,
+impl PublishAction {
+    fn change(self, key: String) -> Change {
+        match self {
+            PublishAction::Remove => Change::Remove(key),
+            PublishAction::Expire => Change::Expire(key),
+            PublishAction::Set => Change::Set(key),
         }
     }
 }
@@ -135,7 +180,7 @@ pub enum Failure {
     /// Bad configuration or flags (exit 2).
     #[error("{0}")]
     Config(String),
-    /// The transport failed: unreachable, timed out, refused (exit 1).
+    /// The L2 or the backplane failed: unreachable, timed out, refused (exit 1).
     #[error("{0}")]
     Transport(String),
 }
@@ -182,17 +227,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Probe { count, json } => {
             probe::run(&transport, &config, &channel, timeout, count, json).await
         }
-        Command::Publish { action, keys } => {
-            let live = transport.subscribe(&channel, timeout).await?;
-            notify::notify(&transport, &channel, action.into(), &keys).await?;
-            drop(live);
-            Ok(())
+        Command::Publish {
+            action,
+            keys,
+            steps,
+        } => {
+            let changes: Vec<Change> = keys.into_iter().map(|k| action.change(k)).collect();
+            notify::send(&transport, &config, &steps, timeout, &changes).await
         }
-        Command::Clear => {
-            let live = transport.subscribe(&channel, timeout).await?;
-            notify::clear(&transport, &channel).await?;
-            drop(live);
-            Ok(())
+        Command::Clear { remove, steps } => {
+            let clear = Change::Clear {
+                allow_fail_safe: !remove,
+            };
+            notify::send(&transport, &config, &steps, timeout, &[clear]).await
+        }
+        Command::RemoveByTag { tags, steps } => {
+            let changes: Vec<Change> = tags.into_iter().map(Change::RemoveByTag).collect();
+            notify::send(&transport, &config, &steps, timeout, &changes).await
         }
     }
 }

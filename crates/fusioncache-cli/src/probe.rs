@@ -5,12 +5,16 @@ use std::time::{Duration, Instant};
 use fusioncache::backplane::{now_ticks, Action, BackplaneEvent, BackplaneMessage};
 use fusioncache::config::FusionCacheConfig;
 
-use crate::notify::source_id;
 use crate::transport::Transport;
 use crate::Failure;
 
 /// The reserved key of probes: a valid `set` for a key that no node holds, which every node ignores.
 pub const PROBE_KEY: &str = "__fc:probe";
+
+/// The source instance id of the probes: unique, so that no node takes them for its own.
+fn source_id() -> String {
+    format!("fusioncache-cli-{}", uuid::Uuid::new_v4())
+}
 
 /// Subscribes, sends `count` probes one after the other and times each one's return, then reports.
 pub async fn run(

@@ -27,12 +27,15 @@ pub struct Target {
     /// Redis URL: redis://host:port, rediss:// for TLS.
     #[arg(long, global = true, value_name = "URL")]
     pub redis_url: Option<String>,
-    /// Redis database index (the channel is the same in every database).
+    /// Redis database index of the L2 (the channel is the same in every database).
     #[arg(long, global = true, value_name = "N")]
     pub redis_database: Option<u32>,
     /// Redis ACL user name.
     #[arg(long, global = true, value_name = "USER")]
     pub redis_username: Option<String>,
+    /// The L2 key prefix: the cache's entries are at PREFIX{key} (publish, clear, remove-by-tag).
+    #[arg(long, global = true, value_name = "PREFIX")]
+    pub key_prefix: Option<String>,
     /// NATS server URL(s), comma separated.
     #[arg(long, global = true, value_name = "URL")]
     pub nats_url: Option<String>,
@@ -42,7 +45,7 @@ pub struct Target {
     /// A fusioncache.yaml to read instead of $FUSIONCACHE_CONFIG.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// How long to wait for the connection, and for each probe (e.g. 500ms, 5s, 1m).
+    /// How long to wait for the connection, each probe, and each change sent (e.g. 500ms, 5s, 1m).
     #[arg(long, global = true, value_name = "DURATION", default_value = "5s")]
     pub timeout: Timeout,
 }
@@ -125,6 +128,7 @@ pub fn resolve(target: &Target) -> Result<FusionCacheConfig, Failure> {
     let flags = FusionCacheConfig {
         cache_name: target.cache_name.clone(),
         channel_prefix: target.channel_prefix.clone(),
+        key_prefix: target.key_prefix.clone(),
         backplane: target.backplane.map(|t| match t {
             Transport::Redis => BackplaneKind::Redis,
             Transport::Nats => BackplaneKind::Nats,

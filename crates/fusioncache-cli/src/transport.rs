@@ -1,6 +1,7 @@
 //! The connection to a cache's backplane: the library's transports, and what each can tell about its
 //! channel.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fusioncache::backplane::nats::{NatsBackplane, NatsOptions};
@@ -18,12 +19,12 @@ pub enum Transport {
         /// The shared command connection.
         connection: RedisConnection,
         /// The backplane over it.
-        backplane: RedisBackplane,
+        backplane: Arc<RedisBackplane>,
     },
     /// NATS core subjects.
     Nats {
-        /// The backplane (boxed: it is much larger than the Redis one).
-        backplane: Box<NatsBackplane>,
+        /// The backplane.
+        backplane: Arc<NatsBackplane>,
         /// The server URLs, credentials redacted.
         servers: String,
     },
@@ -44,7 +45,7 @@ impl Transport {
                     RedisOptions::default(),
                 )
                 .map_err(|e| Failure::Config(format!("invalid redis.url: {e}")))?;
-                let backplane = RedisBackplane::new(connection.clone());
+                let backplane = Arc::new(RedisBackplane::new(connection.clone()));
                 Ok(Transport::Redis {
                     connection,
                     backplane,
@@ -75,7 +76,7 @@ impl Transport {
                     .and_then(|n| n.url)
                     .unwrap_or_default();
                 Ok(Transport::Nats {
-                    backplane: Box::new(backplane),
+                    backplane: Arc::new(backplane),
                     servers,
                 })
             }
@@ -88,8 +89,41 @@ impl Transport {
     /// The library backplane.
     pub fn backplane(&self) -> &dyn Backplane {
         match self {
-            Transport::Redis { backplane, .. } => backplane,
+            Transport::Redis { backplane, .. } => backplane.as_ref(),
             Transport::Nats { backplane, .. } => backplane.as_ref(),
+        }
+    }
+
+    /// The library backplane, to share with a [`fusioncache::CacheNotifier`].
+    pub fn shared(&self) -> Arc<dyn Backplane> {
+        match self {
+            Transport::Redis { backplane, .. } => backplane.clone(),
+            Transport::Nats { backplane, .. } => backplane.clone(),
+        }
+    }
+
+    /// Waits, up to `timeout`, until what is published on `channel` reaches the server: a `PING` on the
+    /// command connection Redis publishes on; for NATS, a subscription confirmed by the server.
+    pub async fn ready(&self, channel: &str, timeout: Duration) -> Result<(), Failure> {
+        match self {
+            Transport::Redis { connection, .. } => {
+                let ping = async {
+                    let mut conn = connection.manager().await?;
+                    redis::cmd("PING").query_async::<()>(&mut conn).await
+                };
+                match tokio::time::timeout(timeout, ping).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(Failure::Transport(format!(
+                        "could not reach the backplane ({}): {e}",
+                        self.describe()
+                    ))),
+                    Err(_) => Err(Failure::Transport(format!(
+                        "could not reach the backplane ({}) within {timeout:?}",
+                        self.describe()
+                    ))),
+                }
+            }
+            Transport::Nats { .. } => self.subscribe(channel, timeout).await.map(drop),
         }
     }
 

@@ -10,8 +10,8 @@ use fusioncache::backplane::redis::RedisBackplane;
 use fusioncache::backplane::{Backplane, BackplaneEvent};
 use fusioncache::l2::redis::RedisDistributedCache;
 use fusioncache::redis::RedisConnection;
-use fusioncache::FusionCache;
-use fusioncache_integration_tests::{acl_user, eventually, write_binding};
+use fusioncache::{EntryOptions, FusionCache};
+use fusioncache_integration_tests::{acl_user, eventually, fast_redis_options, write_binding};
 use fusioncache_testkit::{NatsServer, RedisServer};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
@@ -344,8 +344,10 @@ async fn failures_exit_non_zero_with_a_clear_message() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("could not subscribe to FusionCache.Backplane:v2"),
-        "{err}"
+        err.contains(&format!(
+            "could not reach the backplane (redis 127.0.0.1:{port} db 0)"
+        )),
+        "nothing is written before the transport answers: {err}"
     );
 
     let out = run(&[("FUSIONCACHE_BACKPLANE", "kafka".into())], &["tail"]).await;
@@ -370,4 +372,265 @@ async fn failures_exit_non_zero_with_a_clear_message() {
 
     let out = run(&[], &["publish", "remove"]).await;
     assert_eq!(out.status.code(), Some(2), "a key is required");
+}
+
+/// A node with fail-safe on, its Redis L2 under `key_prefix` in database `db`, and a Redis backplane.
+async fn l2_node(server: &RedisServer, db: u32, key_prefix: &str) -> FusionCache<String> {
+    let redis = RedisConnection::open_with(&format!("{}/{db}", server.url()), fast_redis_options())
+        .unwrap();
+    let node = FusionCache::builder()
+        .name("products")
+        .default_entry_options(fail_safe())
+        .distributed_cache(RedisDistributedCache::new(redis.clone()).key_prefix(key_prefix))
+        .backplane(RedisBackplane::new(redis))
+        .build()
+        .unwrap();
+    assert!(node.wait_for_backplane(WAIT).await);
+    node
+}
+
+fn fail_safe() -> EntryOptions {
+    EntryOptions::new()
+        .duration(Duration::from_secs(600))
+        .fail_safe(true)
+}
+
+/// A factory that fails: what `get_or_set` returns with it is the fail-safe fallback, if any.
+async fn failing() -> Result<String, std::io::Error> {
+    Err(std::io::Error::other("the database is down"))
+}
+
+/// A raw command on database `db`, with a connection of its own (not the library's).
+async fn raw(server: &RedisServer, db: u32, args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(format!("{}/{db}", server.url())).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+async fn exists(server: &RedisServer, db: u32, key: &str) -> bool {
+    raw(server, db, &["EXISTS", key]).await == redis::Value::Int(1)
+}
+
+/// `redis_env` for a cache whose L2 lives in database `db` under `key_prefix`.
+fn l2_env(server: &RedisServer, db: u32, key_prefix: &str) -> Vec<(&'static str, String)> {
+    let mut env = redis_env(server, "products");
+    env.push(("FUSIONCACHE_REDIS_DATABASE", db.to_string()));
+    env.push(("FUSIONCACHE_KEY_PREFIX", key_prefix.to_string()));
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_remove_deletes_the_l2_entry_first_and_no_l2_sends_the_notification_only() {
+    let server = RedisServer::start().unwrap();
+    let node = l2_node(&server, 2, "shop:").await;
+    node.set("product:42", "v".into()).await.unwrap();
+    node.set("product:43", "w".into()).await.unwrap();
+    raw(&server, 2, &["SET", "billing:invoice:1", "paid"]).await;
+    assert!(exists(&server, 2, "shop:product:42").await);
+    let env = l2_env(&server, 2, "shop:");
+
+    let out = run(&env, &["publish", "remove", "product:42"]).await;
+    assert!(out.status.success());
+    assert!(
+        !exists(&server, 2, "shop:product:42").await,
+        "the L2 entry is deleted, under the key prefix, in the configured database"
+    );
+    assert!(eventually(|| node.peek("product:42").is_none()).await);
+    assert_eq!(node.get("product:42").await, None, "nothing left to reload");
+
+    let out = run(&env, &["publish", "--no-l2", "remove", "product:43"]).await;
+    assert!(out.status.success());
+    assert!(eventually(|| node.peek("product:43").is_none()).await);
+    assert!(exists(&server, 2, "shop:product:43").await, "L2 untouched");
+    assert_eq!(node.get("product:43").await.as_deref(), Some("w"));
+
+    assert!(exists(&server, 2, "billing:invoice:1").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_set_makes_nodes_reload_what_a_writer_put_in_l2() {
+    let server = RedisServer::start().unwrap();
+    let node = l2_node(&server, 0, "shop:").await;
+    node.set("product:42", "old".into()).await.unwrap();
+    // A writer that updates L2 and tells no one (a batch job, say).
+    let redis = RedisConnection::open(&server.url()).unwrap();
+    let writer: FusionCache<String> = FusionCache::builder()
+        .name("products")
+        .distributed_cache(RedisDistributedCache::new(redis).key_prefix("shop:"))
+        .build()
+        .unwrap();
+    writer.set("product:42", "new".into()).await.unwrap();
+    assert_eq!(node.peek("product:42").as_deref(), Some("old"));
+
+    let out = run(
+        &l2_env(&server, 0, "shop:"),
+        &["publish", "set", "product:42"],
+    )
+    .await;
+    assert!(out.status.success());
+    assert!(eventually(|| node.peek("product:42").is_none()).await);
+    assert_eq!(node.get("product:42").await.as_deref(), Some("new"));
+    assert!(
+        exists(&server, 0, "shop:product:42").await,
+        "set has no L2 step"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_expires_everything_and_clear_remove_leaves_nothing_and_unrelated_keys_survive() {
+    let server = RedisServer::start().unwrap();
+    let node = l2_node(&server, 0, "shop:").await;
+    node.set("k", "v".into()).await.unwrap();
+    server
+        .command(&["SET", "billing:invoice:1", "paid"])
+        .unwrap();
+    // The key prefix from the flag this time.
+    let env = redis_env(&server, "products");
+    let clear = ["--key-prefix", "shop:", "clear"];
+
+    let out = run(&env, &clear).await;
+    assert!(out.status.success());
+    assert!(eventually(|| node.peek("k").is_none()).await);
+    assert_eq!(node.get("k").await, None, "plain reads see nothing");
+    assert_eq!(
+        node.get_or_set("k", failing).await.unwrap(),
+        "v",
+        "fail-safe still has it"
+    );
+    assert!(
+        exists(&server, 0, "shop:__fc:t:*").await,
+        "the expire-all timestamp"
+    );
+    let late = l2_node(&server, 0, "shop:").await;
+    assert_eq!(late.get("k").await, None, "a node started later honours it");
+    node.set("after", "x".into()).await.unwrap();
+    assert_eq!(
+        late.get("after").await.as_deref(),
+        Some("x"),
+        "written after"
+    );
+
+    let out = run(&env, &[&clear[..], &["--remove"]].concat()).await;
+    assert!(out.status.success());
+    for n in [&node, &late] {
+        assert!(eventually(|| n.peek("after").is_none()).await);
+        for key in ["k", "after"] {
+            assert!(
+                n.get_or_set(key, failing).await.is_err(),
+                "{key}: nothing, even with fail-safe"
+            );
+        }
+    }
+    assert!(
+        exists(&server, 0, "shop:__fc:t:!").await,
+        "the remove-all timestamp"
+    );
+    assert_eq!(
+        server.command(&["GET", "billing:invoice:1"]).unwrap(),
+        "$4\r\npaid\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_by_tag_removes_tagged_entries_on_nodes_and_for_nodes_started_later() {
+    let server = RedisServer::start().unwrap();
+    let node = l2_node(&server, 0, "").await;
+    let tagged = |tags: &[&str]| fail_safe().tags(tags.iter().copied());
+    node.set_with("a", "1".into(), &tagged(&["category:7", "top"]))
+        .await
+        .unwrap();
+    node.set_with("c", "3".into(), &tagged(&["category:8"]))
+        .await
+        .unwrap();
+    node.set("untagged", "2".into()).await.unwrap();
+    let env = redis_env(&server, "products");
+
+    let out = run(&env, &["remove-by-tag", "category:7"]).await;
+    assert!(out.status.success());
+    assert!(eventually(|| node.peek("a").is_none()).await);
+    assert_eq!(node.get("a").await, None);
+    assert!(exists(&server, 0, "__fc:t:category:7").await);
+    let late = l2_node(&server, 0, "").await;
+    assert_eq!(late.get("a").await, None, "a node started later honours it");
+    for n in [&node, &late] {
+        assert_eq!(n.get("untagged").await.as_deref(), Some("2"));
+        assert_eq!(n.get("c").await.as_deref(), Some("3"));
+    }
+
+    let out = run(&env, &["remove-by-tag", "nothing-has-this", "category:8"]).await;
+    assert!(out.status.success());
+    for n in [&node, &late] {
+        assert!(eventually(|| n.peek("c").is_none()).await);
+        assert_eq!(n.get("untagged").await.as_deref(), Some("2"));
+    }
+
+    let out = run(&env, &["remove-by-tag", ""]).await;
+    assert_eq!(out.status.code(), Some(2), "an empty tag is refused");
+}
+
+/// A listening socket nobody serves: connections are accepted by the kernel and never answered (a
+/// stalled or black-holed server).
+fn black_hole() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_or_silent_l2_fails_publish_with_exit_1_and_no_secret() {
+    let nats = NatsServer::start().unwrap();
+    let node = nats_node(&nats.url(), "products").await;
+    node.set("k", "v".into()).await.unwrap();
+    let password = "l2-s3cret-pw";
+    let env_with_l2 = |port: u16| {
+        let mut env = nats_env(&nats, "products");
+        env.push(("FUSIONCACHE_BACKPLANE", "nats".into()));
+        env.push((
+            "FUSIONCACHE_REDIS_URL",
+            format!("redis://app:{password}@127.0.0.1:{port}"),
+        ));
+        env.push(("FUSIONCACHE_REDIS_PASSWORD", password.into()));
+        env
+    };
+
+    let refused = fusioncache_testkit::free_port();
+    let silent_server = black_hole();
+    let silent = silent_server.local_addr().unwrap().port();
+    let cases = [
+        (
+            refused,
+            &["publish", "remove", "k"][..],
+            format!("the L2 step on redis 127.0.0.1:{refused} db 0 failed, so no notification"),
+        ),
+        (
+            silent,
+            &["publish", "expire", "k", "--timeout", "500ms"][..],
+            format!("did not complete within 500ms: L2 step on redis 127.0.0.1:{silent} db 0"),
+        ),
+    ];
+    for (port, args, says) in cases {
+        let out = run(&env_with_l2(port), args).await;
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&says), "{err}");
+        assert!(!err.contains(password), "{err}");
+    }
+
+    // An in-process L2 cannot be reached from outside: a configuration error, nothing sent.
+    let mut in_process = nats_env(&nats, "products");
+    in_process.push(("FUSIONCACHE_DISTRIBUTED_CACHE", "memory".into()));
+    let out = run(&in_process, &["clear"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-l2"));
+
+    // The notification alone still goes through.
+    let out = run(
+        &env_with_l2(refused),
+        &["publish", "--no-l2", "remove", "k"],
+    )
+    .await;
+    assert!(out.status.success());
+    assert!(eventually(|| node.peek("k").is_none()).await);
 }
