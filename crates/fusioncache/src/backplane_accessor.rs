@@ -108,7 +108,40 @@ impl BackplaneAccessor {
             return Err(BackplaneError::CircuitOpen);
         }
         let payload = BackplaneMessage::new(&self.instance_id, timestamp, action, key).encode();
-        match self.backplane.publish(&self.channel, payload).await {
+        let result = self.backplane.publish(&self.channel, payload).await;
+        self.published(key, action, result)
+    }
+
+    /// Publishes a batch of notifications in order, as one pipeline or flush where the transport can.
+    pub async fn publish_all(&self, batch: &[Outgoing]) -> Vec<Result<(), BackplaneError>> {
+        if self.breaker.is_open() {
+            return batch
+                .iter()
+                .map(|_| Err(BackplaneError::CircuitOpen))
+                .collect();
+        }
+        let payloads = batch
+            .iter()
+            .map(|o| {
+                BackplaneMessage::new(&self.instance_id, o.timestamp, o.action, &o.key).encode()
+            })
+            .collect();
+        let results = self.backplane.publish_batch(&self.channel, payloads).await;
+        batch
+            .iter()
+            .zip(results)
+            .map(|(o, result)| self.published(&o.key, o.action, result))
+            .collect()
+    }
+
+    /// Records the outcome of one publish.
+    fn published(
+        &self,
+        key: &str,
+        action: Action,
+        result: Result<(), BackplaneError>,
+    ) -> Result<(), BackplaneError> {
+        match result {
             Ok(()) => {
                 if self.breaker.reset() {
                     self.breaker_changed(false);
@@ -127,6 +160,14 @@ impl BackplaneAccessor {
             }
         }
     }
+}
+
+/// A notification handed to the background publisher.
+pub(crate) struct Outgoing {
+    pub key: String,
+    pub action: Action,
+    pub timestamp: i64,
+    pub expires_at_ms: i64,
 }
 
 /// Starts the receive loop of a cache; it ends when the cache is dropped or the transport goes away.

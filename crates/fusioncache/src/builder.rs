@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 
 use crate::auto_recovery::AutoRecovery;
 use crate::backplane::{channel_name, Backplane};
@@ -335,7 +334,6 @@ where
                 options.l1_max_duration,
                 Tags::new(options.remove_by_tag_behavior),
             ),
-            refreshes: Arc::new(Semaphore::new(options.max_concurrent_refreshes.max(1))),
             options,
             default_entry_options: self.entry_options,
             instance_id,
@@ -348,6 +346,8 @@ where
             key_locks: KeyLocks::default(),
             tasks: Mutex::new(Vec::new()),
             recovery_started: std::sync::Once::new(),
+            publisher: std::sync::OnceLock::new(),
+            refresher: std::sync::OnceLock::new(),
         });
         if let Some(subscription) = subscription {
             let task = crate::backplane_accessor::spawn_receiver(&inner, subscription);

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quanta::Instant;
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::auto_recovery::AutoRecovery;
@@ -124,10 +123,14 @@ pub(crate) struct Inner<V> {
     pub guard: Arc<KeyGuard>,
     pub telemetry: Arc<Telemetry>,
     pub key_locks: KeyLocks,
-    pub refreshes: Arc<Semaphore>,
     /// The background tasks (receiver, auto-recovery), aborted when the cache goes.
     pub tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     pub recovery_started: std::sync::Once,
+    /// The queue of the background publisher, started with the first background publish.
+    pub publisher:
+        std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::backplane_accessor::Outgoing>>,
+    /// The queue of the refresher (reloads after remote *set* notifications), started on first use.
+    pub refresher: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::reads::Refresh>>,
 }
 
 impl<V> Drop for Inner<V> {

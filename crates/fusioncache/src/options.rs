@@ -315,7 +315,8 @@ pub struct CacheOptions {
     /// (reads fall back to L1 and fail-safe values), so a dead server is not hammered. Zero disables it. A
     /// backplane reconnection closes it.
     pub l2_circuit_breaker_duration: Duration,
-    /// The most L1 refreshes from L2 (after remote `set` notifications) running at once.
+    /// The most L1 reloads from L2 (after remote `set` notifications) waiting at once; they are read in
+    /// batches. Past it, an entry just stays stale until its next read.
     pub max_concurrent_refreshes: usize,
     /// What a tag removal does to the entries carrying the tag (default: expire them).
     pub remove_by_tag_behavior: RemoveByTagBehavior,
@@ -342,7 +343,7 @@ impl Default for CacheOptions {
             auto_recovery_max_delay: Duration::from_secs(10),
             backplane_circuit_breaker_duration: Duration::from_secs(1),
             l2_circuit_breaker_duration: Duration::from_secs(1),
-            max_concurrent_refreshes: 64,
+            max_concurrent_refreshes: 4096,
             remove_by_tag_behavior: RemoveByTagBehavior::Expire,
             tag_retention: Duration::from_secs(7 * 24 * 3600),
             ignore_incoming_notifications: false,

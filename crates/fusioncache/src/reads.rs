@@ -2,7 +2,7 @@
 //! against clears and tag removals, installed in L1 only through the key's guard, within the entry
 //! options' L2 timeouts.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use quanta::Instant;
@@ -244,24 +244,23 @@ where
     }
 
     /// After a remote *set* of `key` at `notified_at`: reloads the (now stale) L1 entry from L2 in the
-    /// background, if L2 holds that write or a newer one.
+    /// background, if L2 holds that write or a newer one. The refresher task reads what accumulates as one
+    /// `get_many` (`MGET`), so a burst of notifications costs a few round trips, not one each.
     pub(crate) fn refresh_in_background(self: &Arc<Self>, key: &str, notified_at: i64) {
-        // When too many refreshes are running, the entry just stays stale: the next read goes to L2.
-        let Ok(permit) = Arc::clone(&self.refreshes).try_acquire_owned() else {
-            return;
-        };
-        let inner = Arc::clone(self);
-        let hold = self.guard.hold(key, None);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Some(l2) = &inner.l2 else { return };
-            let Ok((Some(env), _)) = l2.read_envelope(hold.key(), false).await else {
-                return;
-            };
-            if env.timestamp < notified_at {
-                return; // L2 does not hold the notified write (yet): stay stale.
-            }
-            inner.refresh_from_envelope(&hold, env).await;
+        let sender = self.refresher.get_or_init(|| {
+            let capacity = self.options.max_concurrent_refreshes.max(1);
+            let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+            let task = tokio::spawn(run_refresher(Arc::downgrade(self), rx));
+            self.tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task.abort_handle());
+            tx
+        });
+        // When too many refreshes wait, the entry just stays stale: the next read goes to L2.
+        let _ = sender.try_send(Refresh {
+            hold: self.guard.hold(key, None),
+            notified_at,
         });
     }
 
@@ -283,5 +282,39 @@ where
                 .eager_refresh_threshold
                 .map(|t| fresh_for.mul_f32(t)),
         }
+    }
+}
+
+/// A reload of one key after a remote *set* notification, held from when it was received.
+pub(crate) struct Refresh {
+    hold: Hold,
+    notified_at: i64,
+}
+
+/// The most keys reloaded with one `get_many`.
+const REFRESH_BATCH: usize = 128;
+
+/// The refresher task of a cache. Ends when the cache is dropped.
+async fn run_refresher<V>(cache: Weak<Inner<V>>, mut rx: tokio::sync::mpsc::Receiver<Refresh>)
+where
+    V: Clone + Send + Sync + 'static,
+{
+    let mut batch = Vec::with_capacity(REFRESH_BATCH);
+    while rx.recv_many(&mut batch, REFRESH_BATCH).await > 0 {
+        let Some(inner) = cache.upgrade() else { return };
+        let Some(l2) = &inner.l2 else { return };
+        let keys: Vec<&str> = batch.iter().map(|r| r.hold.key()).collect();
+        if let Ok(envelopes) = l2.read_envelopes(&keys, false).await {
+            for (refresh, env) in batch.iter().zip(envelopes) {
+                match env {
+                    Some(env) if env.timestamp >= refresh.notified_at => {
+                        inner.refresh_from_envelope(&refresh.hold, env).await;
+                    }
+                    // L2 does not hold the notified write (yet): the entry stays stale.
+                    _ => {}
+                }
+            }
+        }
+        batch.clear();
     }
 }

@@ -265,6 +265,8 @@ impl Backplane for FaultyBackplane {
         })
     }
 
+    // `publish_batch` stays the default (one `publish` after the other), so the faults apply to each.
+
     fn validate_channel(&self, channel: &str) -> Result<(), BackplaneError> {
         self.inner.validate_channel(channel)
     }

@@ -1,11 +1,12 @@
 //! Changes: the local step (L1) and the distributed step (L2, then one notification), with what fails
 //! handed to auto-recovery. `set`, `remove`, `expire`, tag removals and clears all end here.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::auto_recovery::RecoveryItem;
 use crate::backplane::{now_ticks, Action};
+use crate::backplane_accessor::Outgoing;
 use crate::cache::Inner;
 use crate::error::Error;
 use crate::events::CacheEvent;
@@ -197,13 +198,40 @@ where
             let key = key.to_string();
             drop(hold);
             if op.background_publish {
-                let this = Arc::clone(self);
-                tokio::spawn(async move { this.publish_or_queue(&key, &op).await });
+                self.publish_in_background(key, &op);
             } else {
                 return self.publish_or_queue(&key, &op).await;
             }
         }
         Ok(())
+    }
+
+    /// Hands a notification to the cache's publisher task, which sends what accumulates as one batch (in
+    /// order: the notifications of one key are never reordered). A full queue goes to auto-recovery.
+    fn publish_in_background(self: &Arc<Self>, key: String, op: &DistributedOp) {
+        let sender = self.publisher.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
+            let task = tokio::spawn(run_publisher(Arc::downgrade(self), rx));
+            self.tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task.abort_handle());
+            tx
+        });
+        let outgoing = Outgoing {
+            key,
+            action: op.action,
+            timestamp: op.timestamp,
+            expires_at_ms: op.expires_at_ms,
+        };
+        if let Err(e) = sender.try_send(outgoing) {
+            let o = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(o)
+                | tokio::sync::mpsc::error::TrySendError::Closed(o) => o,
+            };
+            let item = RecoveryItem::new(o.action, o.timestamp, None, true, o.expires_at_ms);
+            self.queue_for_recovery(&o.key, item);
+        }
     }
 
     async fn publish_or_queue(
@@ -225,7 +253,7 @@ where
     }
 
     /// Queues `item` and makes sure the auto-recovery task runs.
-    fn queue_for_recovery(self: &Arc<Self>, key: &str, item: RecoveryItem) {
+    pub(crate) fn queue_for_recovery(self: &Arc<Self>, key: &str, item: RecoveryItem) {
         self.recovery_started.call_once(|| {
             let task = tokio::spawn(crate::auto_recovery::run(
                 Arc::clone(&self.recovery),
@@ -237,6 +265,31 @@ where
                 .push(task.abort_handle());
         });
         self.recovery.push(key, item);
+    }
+}
+
+/// The most notifications waiting for the publisher task; past it they go to auto-recovery.
+const PUBLISH_QUEUE: usize = 65_536;
+/// The most notifications sent as one batch.
+const PUBLISH_BATCH: usize = 512;
+
+/// The publisher task of a cache: sends the notifications queued since the last batch as one batch, and
+/// queues the failed ones for auto-recovery. Ends when the cache is dropped.
+async fn run_publisher<V>(cache: Weak<Inner<V>>, mut rx: tokio::sync::mpsc::Receiver<Outgoing>)
+where
+    V: Clone + Send + Sync + 'static,
+{
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        let Some(inner) = cache.upgrade() else { return };
+        let Some(bp) = &inner.backplane else { return };
+        let results = bp.publish_all(&batch).await;
+        for (o, result) in batch.drain(..).zip(results) {
+            if result.is_err() {
+                let item = RecoveryItem::new(o.action, o.timestamp, None, true, o.expires_at_ms);
+                inner.queue_for_recovery(&o.key, item);
+            }
+        }
     }
 }
 

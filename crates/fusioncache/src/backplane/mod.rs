@@ -168,6 +168,22 @@ pub trait Backplane: Send + Sync + 'static {
         payload: Bytes,
     ) -> BoxFuture<'a, Result<(), BackplaneError>>;
 
+    /// Publishes `payloads` on `channel`, in order, as one batch where the transport can (one pipeline,
+    /// one flush); returns one result per payload. The default publishes them one after the other.
+    fn publish_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        payloads: Vec<Bytes>,
+    ) -> BoxFuture<'a, Vec<Result<(), BackplaneError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(payloads.len());
+            for payload in payloads {
+                results.push(self.publish(channel, payload).await);
+            }
+            results
+        })
+    }
+
     /// Checks a channel name before use; the default accepts any.
     fn validate_channel(&self, channel: &str) -> Result<(), BackplaneError> {
         let _ = channel;
