@@ -77,7 +77,7 @@ pub fn validate_subject(subject: &str) -> Result<(), BackplaneError> {
     Ok(())
 }
 
-/// How to connect to NATS. Its `Debug` output shows no secret (URL credentials, token, password, seed).
+/// How to connect to NATS. `Debug` hides the seed, the token, the password and the URLs' userinfo.
 #[derive(Clone)]
 pub struct NatsOptions {
     /// Server URLs, comma separated (`nats://`, `tls://`; credentials may be inline).
@@ -115,22 +115,17 @@ pub struct NatsOptions {
 
 impl std::fmt::Debug for NatsOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let set = |present: bool| if present { "<set>" } else { "<none>" };
-        // `scheme://user:password@host` → `scheme://***@host`.
-        let url: Vec<String> = self
-            .url
-            .split(',')
-            .map(|u| match (u.find("://"), u.rfind('@')) {
-                (Some(s), Some(at)) if at > s => format!("{}***{}", &u[..s + 3], &u[at..]),
-                _ => u.to_string(),
-            })
-            .collect();
+        use crate::redact::{url, REDACTED};
+        let secret = |s: &Option<String>| s.as_ref().map(|_| REDACTED);
         f.debug_struct("NatsOptions")
-            .field("url", &url.join(","))
+            .field("url", &url(&self.url))
             .field("credentials_file", &self.credentials_file)
-            .field("nkey_seed", &set(self.nkey_seed.is_some()))
-            .field("token", &set(self.token.is_some()))
-            .field("user_password", &set(self.user_password.is_some()))
+            .field("nkey_seed", &secret(&self.nkey_seed))
+            .field("token", &secret(&self.token))
+            .field(
+                "user_password",
+                &self.user_password.as_ref().map(|(u, _)| (u, REDACTED)),
+            )
             .field("tls_required", &self.tls_required)
             .field("root_certificates", &self.root_certificates)
             .field("client_certificate", &self.client_certificate)
@@ -437,9 +432,7 @@ async fn greet_ready(subscriptions: &Fanout, ready: &Ready) {
         .cloned()
         .collect();
     for subject in subjects {
-        subscriptions
-            .send_to(&subject, BackplaneEvent::Connected)
-            .await;
+        subscriptions.send_to(&subject, BackplaneEvent::Connected);
     }
 }
 
@@ -471,11 +464,9 @@ async fn forward_connection_events(
             }
             Event::Disconnected | Event::Closed => {
                 tracing::warn!(%event, "nats backplane disconnected");
-                subscriptions
-                    .send_all(BackplaneEvent::Disconnected {
-                        reason: event.to_string(),
-                    })
-                    .await;
+                subscriptions.send_all(BackplaneEvent::Disconnected {
+                    reason: event.to_string(),
+                });
             }
             Event::SlowConsumer(sid) => {
                 // Messages were dropped by the client: this node may have missed notifications.
@@ -483,11 +474,9 @@ async fn forward_connection_events(
                     sid,
                     "nats slow consumer: notifications dropped; marking L1 stale"
                 );
-                subscriptions
-                    .send_all(BackplaneEvent::Disconnected {
-                        reason: event.to_string(),
-                    })
-                    .await;
+                subscriptions.send_all(BackplaneEvent::Disconnected {
+                    reason: event.to_string(),
+                });
                 greet_ready(&subscriptions, &ready).await;
             }
             other => tracing::info!(event = %other, "nats connection event"),
@@ -523,15 +512,13 @@ impl Forwarder {
             self.set_ready(true);
             if self.client.connection_state() == State::Connected {
                 self.subscriptions
-                    .send_to(&self.subject, BackplaneEvent::Connected)
-                    .await;
+                    .send_to(&self.subject, BackplaneEvent::Connected);
             }
             let reason = self.watch(&mut subscriber).await;
             self.set_ready(false);
             tracing::warn!(subject = %self.subject, %reason, "nats subscription lost; subscribing again");
             self.subscriptions
-                .send_to(&self.subject, BackplaneEvent::Disconnected { reason })
-                .await;
+                .send_to(&self.subject, BackplaneEvent::Disconnected { reason });
             // Subscribe anew (dropping the old subscription unsubscribes it) until a probe comes back.
             loop {
                 tokio::time::sleep(backoff.next().unwrap_or(MAX_RECONNECT_DELAY)).await;
@@ -583,8 +570,7 @@ impl Forwarder {
                     quiet.heard();
                     if !is_probe(&message.payload) {
                         self.subscriptions
-                            .send_to(&self.subject, BackplaneEvent::Message(message.payload))
-                            .await;
+                            .send_to(&self.subject, BackplaneEvent::Message(message.payload));
                     }
                 }
                 () = tokio::time::sleep_until(quiet.deadline()) => {
@@ -627,8 +613,7 @@ impl Forwarder {
             Ok(Some(message)) => {
                 if !is_probe(&message.payload) {
                     self.subscriptions
-                        .send_to(&self.subject, BackplaneEvent::Message(message.payload))
-                        .await;
+                        .send_to(&self.subject, BackplaneEvent::Message(message.payload));
                 }
                 true
             }
@@ -655,7 +640,7 @@ impl Backplane for NatsBackplane {
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(channel);
             if ready && self.client.connection_state() == State::Connected {
-                let _ = tx.try_send(BackplaneEvent::Connected);
+                tx.deliver(BackplaneEvent::Connected);
             }
         } else {
             let forwarder = Forwarder {

@@ -182,9 +182,7 @@ async fn run_pubsub(
         );
         was_connected = true;
         for channel in session.channels.keys() {
-            subscriptions
-                .send_to(channel, BackplaneEvent::Connected)
-                .await;
+            subscriptions.send_to(channel, BackplaneEvent::Connected);
         }
         let Some(reason) = session
             .run(&connection, &subscriptions, &mut commands, &probe)
@@ -193,9 +191,7 @@ async fn run_pubsub(
             return;
         };
         tracing::warn!(endpoint = connection.endpoint(), %reason, "redis pub/sub disconnected; reconnecting");
-        subscriptions
-            .send_all(BackplaneEvent::Disconnected { reason })
-            .await;
+        subscriptions.send_all(BackplaneEvent::Disconnected { reason });
         // Even the first attempt waits a little, at random: a fleet that lost its server together does not
         // come back in lockstep.
         tokio::time::sleep(backoff.next().unwrap_or(options.max_reconnect_delay)).await;
@@ -290,13 +286,13 @@ impl Session {
                     let payload = msg.get_payload_bytes();
                     if !is_probe(payload) {
                         let payload = Bytes::copy_from_slice(payload);
-                        subscriptions.send_to(channel, BackplaneEvent::Message(payload)).await;
+                        subscriptions.send_to(channel, BackplaneEvent::Message(payload));
                     }
                 }
                 cmd = commands.recv() => {
                     let channel = cmd?;
                     if self.channels.contains_key(&channel) {
-                        subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
+                        subscriptions.send_to(&channel, BackplaneEvent::Connected);
                         continue;
                     }
                     let subscribed = tokio::time::timeout(
@@ -307,7 +303,7 @@ impl Session {
                     match subscribed {
                         Ok(Ok(())) => {
                             alive_at = Instant::now();
-                            subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
+                            subscriptions.send_to(&channel, BackplaneEvent::Connected);
                             self.channels.insert(channel, QuietChannel::new(liveness));
                         }
                         Ok(Err(e)) => return Some(format!("SUBSCRIBE {channel} failed: {e}")),
