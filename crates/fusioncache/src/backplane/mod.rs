@@ -41,8 +41,8 @@ pub use message::{
 /// When a subscribed channel has been quiet for its health-check interval, the Redis and NATS transports
 /// publish a probe on it: a valid FusionCache v0 *set* message for this key, which no node holds (so a .NET
 /// FusionCache node on the channel logs it at trace level and does nothing). Hearing it back proves that
-/// the subscription still delivers. Transports never hand probes to their subscribers; receivers ignore
-/// the key all the same. Do not use it as a cache key.
+/// the subscription still delivers. Probes reach subscribers like any message; the cache ignores the key
+/// (it counts probes in `backplane_probes`). Do not use it as a cache key.
 pub const PROBE_KEY: &str = "__fc:probe";
 
 /// The suffix of every channel name; it carries the wire-format family (`v2` as in FusionCache v2).

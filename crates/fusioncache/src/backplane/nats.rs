@@ -41,9 +41,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::fanout::Fanout;
-use super::liveness::{
-    is_probe, probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict,
-};
+use super::liveness::{probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict};
 use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
 
 /// Checks that `subject` is a valid NATS subject to publish on: non-empty tokens separated by `.`, no
@@ -568,10 +566,8 @@ impl Forwarder {
                         return "subscription closed".into();
                     };
                     quiet.heard();
-                    if !is_probe(&message.payload) {
-                        self.subscriptions
-                            .send_to(&self.subject, BackplaneEvent::Message(message.payload));
-                    }
+                    self.subscriptions
+                        .send_to(&self.subject, BackplaneEvent::Message(message.payload));
                 }
                 () = tokio::time::sleep_until(quiet.deadline()) => {
                     if self.client.connection_state() != State::Connected {
@@ -611,10 +607,8 @@ impl Forwarder {
         }
         match tokio::time::timeout(self.liveness.timeout, subscriber.next()).await {
             Ok(Some(message)) => {
-                if !is_probe(&message.payload) {
-                    self.subscriptions
-                        .send_to(&self.subject, BackplaneEvent::Message(message.payload));
-                }
+                self.subscriptions
+                    .send_to(&self.subject, BackplaneEvent::Message(message.payload));
                 true
             }
             Ok(None) | Err(_) => false,

@@ -40,9 +40,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::fanout::Fanout;
-use super::liveness::{
-    is_probe, probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict,
-};
+use super::liveness::{probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict};
 use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
 use crate::redis::RedisConnection;
 
@@ -283,11 +281,9 @@ impl Session {
                     if let Some(watch) = self.channels.get_mut(channel) {
                         watch.heard();
                     }
-                    let payload = msg.get_payload_bytes();
-                    if !is_probe(payload) {
-                        let payload = Bytes::copy_from_slice(payload);
-                        subscriptions.send_to(channel, BackplaneEvent::Message(payload));
-                    }
+                    // Probes too: subscribers (the cache, the CLI's probe) tell them apart by key.
+                    let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
+                    subscriptions.send_to(channel, BackplaneEvent::Message(payload));
                 }
                 cmd = commands.recv() => {
                     let channel = cmd?;
