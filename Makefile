@@ -56,8 +56,10 @@ chart:
 
 bench: bench-engine bench-redis bench-nats
 
+# The engine twice: as most users build it, then with the metrics feature on and no recorder installed.
 bench-engine:
 	$(CARGO) bench -p fusioncache --bench engine
+	$(CARGO) bench -p fusioncache --bench engine --features metrics
 
 # Latency benchmarks pin the server and the bench to different cores (see the README).
 bench-redis:

@@ -130,6 +130,10 @@ impl Backplane for RedisBackplane {
         })
     }
 
+    fn as_redis(&self) -> Option<&RedisBackplane> {
+        Some(self)
+    }
+
     fn transport_name(&self) -> &'static str {
         "redis"
     }
