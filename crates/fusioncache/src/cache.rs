@@ -339,9 +339,12 @@ where
                 .telemetry
                 .emit(|| CacheEvent::RemoveByTag { tag });
             Inner::remove_tag(&self.inner, tag)
-                .instrument(
-                    tracing::debug_span!("remove_by_tag", cache = %self.inner.options.name, tag),
-                )
+                .instrument(tracing::debug_span!(
+                    "fusioncache",
+                    operation = "remove_by_tag",
+                    cache = %self.inner.options.name,
+                    tag
+                ))
                 .await?;
         }
         Ok(())
@@ -372,7 +375,12 @@ where
             .telemetry
             .emit(|| CacheEvent::Clear { allow_fail_safe });
         Inner::remove_tag(inner, tag)
-            .instrument(tracing::debug_span!("clear", cache = %inner.options.name, allow_fail_safe))
+            .instrument(tracing::debug_span!(
+                "fusioncache",
+                operation = "clear",
+                cache = %inner.options.name,
+                allow_fail_safe
+            ))
             .await
     }
 
