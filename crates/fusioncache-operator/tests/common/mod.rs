@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod apiserver;
+pub mod operator;
+
 use std::collections::BTreeMap;
 
 use fusioncache::config::FusionCacheConfig;
@@ -94,8 +97,10 @@ pub fn provision(
         settings,
         redis_credentials: Lookup::NotReferenced,
         nats_credentials: Lookup::NotReferenced,
+        existing_config_map: None,
         existing_secret: existing,
         fresh_password: fusioncache_operator::acl::generate_password().unwrap(),
+        password_grace: std::time::Duration::from_secs(600),
         now: "2024-01-01T00:00:00Z".parse().unwrap(),
     };
     match plan(&inputs).unwrap() {
