@@ -353,6 +353,12 @@ async fn apply(
     let namespace = fc.namespace_required()?;
     let name = fc.name_required()?;
     let all = list_all(ctx).await?;
+    // Decide from the resource as the apiserver has it now: the watch may not have delivered our own last
+    // status write yet, and a stale status would forget a claim or a retiring password.
+    let fresh = all
+        .iter()
+        .find(|o| o.uid().is_some() && o.uid() == fc.uid());
+    let fc = fresh.unwrap_or(fc);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
 

@@ -32,7 +32,7 @@ impl Default for Metrics {
         let leader = Gauge::default();
         registry.register(
             "leader",
-            "1 while this replica holds the leader Lease",
+            "Whether this replica holds the leader Lease and reconciles (else it stands by)",
             leader.clone(),
         );
         let acl_users_restored = Counter::default();

@@ -36,6 +36,19 @@ fn settings(redis: &RedisServer) -> String {
     )
 }
 
+/// A redis-server whose `default` user (the operator's admin here) has a password on its command line, so
+/// that it survives a restart (ACL users created at run time do not: that is what the operator repairs).
+fn redis_with_password() -> RedisServer {
+    RedisServer::start_with_args(&["--requirepass", ADMIN_PASSWORD]).expect("redis-server starts")
+}
+
+fn default_user_settings(redis: &RedisServer) -> String {
+    format!(
+        "redisEndpoints:\n  - name: main\n    url: {}\n    adminUsername: default\n    adminPassword: {ADMIN_PASSWORD}\n",
+        redis.url()
+    )
+}
+
 fn fusioncache(name: &str, acl: bool) -> Value {
     json!({
         "apiVersion": "fusioncache.io/v1alpha1",
@@ -322,4 +335,385 @@ async fn lifecycle_create_update_repair_restart_relist_lose_and_delete() {
     let ungranted: BTreeSet<_> = used.difference(&granted).collect();
     assert!(unused.is_empty(), "granted but never used: {unused:?}");
     assert!(ungranted.is_empty(), "used but not granted: {ungranted:?}");
+}
+
+/// The user's credentials from the binding Secret of `name`.
+fn credentials(api: &ApiServer, name: &str) -> Option<(String, String)> {
+    let secret = api.get(SECRETS, NS, &format!("{name}-fusioncache"))?;
+    Some((
+        secret_text(&secret, env::REDIS_USERNAME)?,
+        secret_text(&secret, env::REDIS_PASSWORD)?,
+    ))
+}
+
+fn authenticates(redis: &RedisServer, user: &str, password: &str) -> bool {
+    redis
+        .command_as(user, password, &["PING"])
+        .is_ok_and(|r| r.starts_with("+PONG"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_while_redis_is_down_says_why_and_the_annotation_lets_it_finish() {
+    let mut redis = redis_with_password();
+    let api = ApiServer::start(Some(chart_rbac())).await;
+    let mut op = Operator::start(&api, "op", &default_user_settings(&redis), &[]);
+    op.wait_ready(WAIT).await;
+    api.create(FUSIONCACHES, NS, fusioncache("products", true));
+    wait_condition(&api, "products", "True", "Provisioned").await;
+
+    redis.stop();
+    api.delete(FUSIONCACHES, NS, "products");
+    let fc = wait_condition(&api, "products", "False", "CleanupFailed").await;
+    let message = fc["status"]["conditions"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("fc.shop.products")
+            && message.contains("fusioncache.io/skip-cleanup=true"),
+        "{message}"
+    );
+    assert!(
+        fc["metadata"]["deletionTimestamp"].is_string(),
+        "the deletion waits"
+    );
+    eventually(WAIT, "a CleanupFailed event", || {
+        events(&api, "products")
+            .iter()
+            .any(|(t, r, n)| t == "Warning" && r == "CleanupFailed" && n.contains("skip-cleanup"))
+            .then_some(())
+    })
+    .await;
+
+    // The escape hatch: the deletion finishes without Redis, and an event names what was left behind.
+    api.edit(FUSIONCACHES, NS, "products", |fc| {
+        fc["metadata"]["annotations"] = json!({ "fusioncache.io/skip-cleanup": "true" })
+    });
+    eventually(WAIT, "products deleted", || {
+        api.get(FUSIONCACHES, NS, "products")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        api.get(CONFIGMAPS, NS, "products-fusioncache").is_none(),
+        "owned objects collected"
+    );
+    let skipped = events(&api, "products");
+    assert!(
+        skipped.iter().any(|(t, r, n)| t == "Warning"
+            && r == "CleanupSkipped"
+            && n.contains("ACL DELUSER fc.shop.products")),
+        "{skipped:?}"
+    );
+    no_request_was_forbidden(&api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reconcile_is_ready_false_for_the_current_generation_until_it_recovers() {
+    let mut redis = redis_with_password();
+    let api = ApiServer::start(Some(chart_rbac())).await;
+    let mut op = Operator::start(&api, "op", &default_user_settings(&redis), &[]);
+    op.wait_ready(WAIT).await;
+    redis.stop();
+    api.create(FUSIONCACHES, NS, fusioncache("products", true));
+    let fc = wait_condition(&api, "products", "False", "AclProvisioningFailed").await;
+    assert_eq!(fc["status"]["observedGeneration"], 1);
+    let message = fc["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("main"), "names the endpoint: {message}");
+    assert_eq!(
+        fc["status"]["redisDatabase"], 0,
+        "the claim is recorded before anything uses it"
+    );
+    assert!(
+        api.get(CONFIGMAPS, NS, "products-fusioncache").is_none(),
+        "no object before the ACL user"
+    );
+
+    // A spec change while it still fails: the failure is reported for the new generation.
+    api.edit(FUSIONCACHES, NS, "products", |fc| {
+        fc["spec"]["environment"] = json!("staging")
+    });
+    let fc = wait_condition(&api, "products", "False", "AclProvisioningFailed").await;
+    assert_eq!(fc["status"]["observedGeneration"], 2);
+
+    redis.restart().unwrap();
+    let fc = wait_condition(&api, "products", "True", "Provisioned").await;
+    assert_eq!(fc["status"]["channelPrefix"], "shop.products.staging");
+    let (user, password) = credentials(&api, "products").unwrap();
+    assert!(authenticates(&redis, &user, &password));
+    no_request_was_forbidden(&api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_users_are_provisioned_again_soon_after_a_redis_restart() {
+    let mut redis = redis_with_password();
+    let api = ApiServer::start(Some(chart_rbac())).await;
+    let mut op = Operator::start(&api, "op", &default_user_settings(&redis), &[]);
+    op.wait_ready(WAIT).await;
+    api.create(FUSIONCACHES, NS, fusioncache("products", true));
+    wait_condition(&api, "products", "True", "Provisioned").await;
+    let (user, password) = credentials(&api, "products").unwrap();
+    assert!(authenticates(&redis, &user, &password));
+    // Idle: the reconcile its own status write triggers is done too (the next resync is 30 s away), so
+    // only the watchdog can bring the user back.
+    let mut runs = 0.0;
+    for _ in 0..500 {
+        let now = op
+            .metric("fusioncache_operator_reconcile_runs_total")
+            .await
+            .unwrap_or(0.0);
+        let idle = op.metric("fusioncache_operator_reconcile_in_flight").await == Some(0.0);
+        if idle && now >= 2.0 && now == runs {
+            break;
+        }
+        runs = now;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    redis.restart().unwrap();
+    let restarted = Instant::now();
+    eventually(WAIT, "the ACL user back", || {
+        authenticates(&redis, &user, &password).then_some(())
+    })
+    .await;
+    let took = restarted.elapsed();
+    eprintln!("ACL user back {took:?} after the Redis restart");
+    assert!(took < Duration::from_secs(30));
+    let set = redis
+        .command_as(&user, &password, &["SET", "shop.products:k", "v"])
+        .unwrap();
+    assert!(set.starts_with("+OK"), "{set}");
+    assert_eq!(
+        op.metric("fusioncache_operator_acl_users_restored_total")
+            .await,
+        Some(1.0),
+        "the watchdog found it missing (the restart lost it)"
+    );
+    no_request_was_forbidden(&api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_binding_secret_rotates_the_password_and_the_old_one_works_for_the_grace_period(
+) {
+    let redis = redis_with_password();
+    let api = ApiServer::start(Some(chart_rbac())).await;
+    let mut op = Operator::start(
+        &api,
+        "op",
+        &default_user_settings(&redis),
+        &[("FUSIONCACHE_OPERATOR_PASSWORD_GRACE", "4s")],
+    );
+    op.wait_ready(WAIT).await;
+    api.create(FUSIONCACHES, NS, fusioncache("products", true));
+    wait_condition(&api, "products", "True", "Provisioned").await;
+    let (user, old) = credentials(&api, "products").unwrap();
+
+    api.delete(SECRETS, NS, "products-fusioncache");
+    let new = eventually(WAIT, "a new password in a new Secret", || {
+        credentials(&api, "products")
+            .map(|(_, p)| p)
+            .filter(|p| *p != old)
+    })
+    .await;
+    let rotated = Instant::now();
+    // Both work during the grace period: pods that still have the old Secret keep running.
+    assert!(authenticates(&redis, &user, &new));
+    assert!(
+        authenticates(&redis, &user, &old),
+        "the old password is still accepted"
+    );
+    assert!(
+        rotated.elapsed() < Duration::from_secs(4),
+        "checked within the grace period"
+    );
+    let fc = api.get(FUSIONCACHES, NS, "products").unwrap();
+    assert_eq!(
+        fc["status"]["retiringPasswords"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        fc["status"]
+    );
+
+    // Then the old one is dropped.
+    eventually(WAIT, "the old password retired", || {
+        (!authenticates(&redis, &user, &old)).then_some(())
+    })
+    .await;
+    assert!(
+        rotated.elapsed() >= Duration::from_secs(3),
+        "not before the grace period ended"
+    );
+    assert!(authenticates(&redis, &user, &new));
+    let fc = eventually(WAIT, "no retiring password left in the status", || {
+        let fc = api.get(FUSIONCACHES, NS, "products")?;
+        fc["status"]
+            .get("retiringPasswords")
+            .is_none()
+            .then_some(fc)
+    })
+    .await;
+    let status = fc["status"].to_string();
+    assert!(
+        !status.contains(&old) && !status.contains(&new),
+        "no password in the status"
+    );
+    assert!(
+        !op.log().contains(&old) && !op.log().contains(&new),
+        "no password in the log"
+    );
+    no_request_was_forbidden(&api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_of_the_same_name_is_never_taken_over() {
+    let redis = redis_with_admin();
+    let api = ApiServer::start(Some(chart_rbac())).await;
+    let mut op = Operator::start(&api, "op", &settings(&redis), &[]);
+    op.wait_ready(WAIT).await;
+    let theirs = api.create(
+        CONFIGMAPS,
+        NS,
+        json!({ "metadata": { "name": "products-fusioncache" }, "data": { "mine": "1" } }),
+    );
+    api.create(FUSIONCACHES, NS, fusioncache("products", false));
+    let fc = wait_condition(&api, "products", "False", "ObjectConflict").await;
+    let message = fc["status"]["conditions"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("ConfigMap `products-fusioncache`"),
+        "{message}"
+    );
+    let cm = api.get(CONFIGMAPS, NS, "products-fusioncache").unwrap();
+    assert_eq!(cm, theirs, "left exactly as it was");
+    assert!(api.get(SECRETS, NS, "products-fusioncache").is_none());
+
+    // Deleting the FusionCache does not collect it; once the user removes theirs, the operator provisions.
+    api.create(FUSIONCACHES, NS, fusioncache("other", false));
+    wait_condition(&api, "other", "True", "Provisioned").await;
+    api.delete(FUSIONCACHES, NS, "products");
+    assert_eq!(
+        api.get(CONFIGMAPS, NS, "products-fusioncache").unwrap(),
+        theirs
+    );
+    api.create(FUSIONCACHES, NS, fusioncache("products", false));
+    wait_condition(&api, "products", "False", "ObjectConflict").await;
+    api.delete(CONFIGMAPS, NS, "products-fusioncache");
+    wait_condition(&api, "products", "True", "Provisioned").await;
+    no_request_was_forbidden(&api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_claim_never_hands_one_database_to_two_apps() {
+    let redis = redis_with_admin();
+    let api = ApiServer::start(Some(chart_rbac())).await;
+    let mut op = Operator::start(&api, "op", &settings(&redis), &[]);
+    op.wait_ready(WAIT).await;
+    // The first status write of `alpha` fails, as a flaky apiserver would make it.
+    api.fail_next("patch", "fusioncaches/status", Some("alpha"), 1, 500);
+    api.create(FUSIONCACHES, NS, fusioncache("alpha", false));
+    api.create(FUSIONCACHES, NS, fusioncache("beta", false));
+    let alpha = wait_condition(&api, "alpha", "True", "Provisioned").await;
+    let beta = wait_condition(&api, "beta", "True", "Provisioned").await;
+    assert_ne!(
+        alpha["status"]["redisDatabase"],
+        beta["status"]["redisDatabase"]
+    );
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.resource == "fusioncaches/status" && r.code == 500),
+        "the fault was hit"
+    );
+
+    // At no moment did two ConfigMaps point at one database (replaying every ConfigMap write).
+    let mut databases: std::collections::BTreeMap<String, String> = Default::default();
+    for (type_, cm) in api.history(CONFIGMAPS) {
+        let name = cm["metadata"]["name"].as_str().unwrap().to_string();
+        if type_ == "DELETED" {
+            databases.remove(&name);
+            continue;
+        }
+        if let Some(db) = data(&cm, env::REDIS_DATABASE) {
+            databases.insert(name.clone(), db.clone());
+            let sharing: Vec<_> = databases
+                .iter()
+                .filter(|(_, d)| **d == db)
+                .map(|(n, _)| n)
+                .collect();
+            assert_eq!(sharing.len(), 1, "database {db} handed to {sharing:?}");
+        }
+    }
+    no_request_was_forbidden(&api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
+    let redis = redis_with_admin();
+    let api = ApiServer::start(Some(chart_rbac())).await;
+    let mut a = Operator::start(&api, "replica-a", &settings(&redis), &[]);
+    let mut b = Operator::start(&api, "replica-b", &settings(&redis), &[]);
+    a.wait_ready(WAIT).await;
+    b.wait_ready(WAIT).await;
+    // Both are Ready (the standby watches), one leads.
+    let leader = eventually(WAIT, "a leader", || {
+        let lease = api.get(LEASES, OPERATOR_NAMESPACE, "fusioncache-operator")?;
+        lease["spec"]["holderIdentity"].as_str().map(String::from)
+    })
+    .await;
+    // Let the leader renew a few times: the standby must not take over meanwhile.
+    let renewals = |api: &ApiServer| {
+        api.requests()
+            .iter()
+            .filter(|r| r.resource == "leases" && r.verb == "update" && r.user == leader)
+            .count()
+    };
+    let start = renewals(&api);
+    eventually(WAIT, "three renewals", || {
+        (renewals(&api) >= start + 3).then_some(())
+    })
+    .await;
+    let (leading, standing_by) = if leader == a.name {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert!(leading.is_leader().await);
+    assert!(
+        !standing_by.is_leader().await,
+        "{}",
+        standing_by.metrics().await
+    );
+    api.create(FUSIONCACHES, NS, fusioncache("products", true));
+    wait_condition(&api, "products", "True", "Provisioned").await;
+    let writers = |api: &ApiServer| -> BTreeSet<String> {
+        api.requests()
+            .iter()
+            .filter(|r| {
+                r.resource != "leases"
+                    && matches!(r.verb.as_str(), "create" | "patch" | "update" | "delete")
+            })
+            .map(|r| r.user.clone())
+            .collect()
+    };
+    assert_eq!(
+        writers(&api),
+        BTreeSet::from([leader.clone()]),
+        "only the leader reconciles"
+    );
+
+    // The leader dies without releasing the Lease: the standby takes over once it expires.
+    leading.kill();
+    let killed = Instant::now();
+    let new_leader = standing_by.name.clone();
+    eventually(WAIT, "the standby leads", || {
+        let lease = api.get(LEASES, OPERATOR_NAMESPACE, "fusioncache-operator")?;
+        (lease["spec"]["holderIdentity"] == new_leader.as_str()).then_some(())
+    })
+    .await;
+    eprintln!("failover took {:?} (lease duration 2 s)", killed.elapsed());
+    api.create(FUSIONCACHES, NS, fusioncache("orders", true));
+    wait_condition(&api, "orders", "True", "Provisioned").await;
+    assert!(standing_by.is_leader().await);
+    assert_eq!(writers(&api), BTreeSet::from([leader, new_leader]));
+    no_request_was_forbidden(&api);
 }

@@ -126,11 +126,17 @@ impl Operator {
         self.get("/metrics").await.unwrap_or_default()
     }
 
+    /// The value of a metric line (`name` with its labels, e.g. `fusioncache_operator_reconcile_in_flight`).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics().await.lines().find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+    }
+
     /// Whether this replica says it leads.
     pub async fn is_leader(&self) -> bool {
-        self.metrics()
-            .await
-            .contains("fusioncache_operator_leader 1")
+        self.metric("fusioncache_operator_leader").await == Some(1.0)
     }
 
     /// Sends SIGTERM and waits (bounded) for the process to exit; returns whether it exited cleanly.
