@@ -1536,6 +1536,265 @@ mod tests {
     }
 
     #[test]
+    fn no_type_holding_a_password_shows_it_in_debug() {
+        let settings = Settings::from_yaml(
+            "redisEndpoints:\n  - name: main\n    url: redis://redis.cache:6379\n    adminPassword: hunter2-admin\n",
+            &FakeEnv::default(),
+        )
+        .unwrap();
+        let mut s = spec(Transport::Redis);
+        s.distributed_cache = true;
+        s.redis.as_mut().unwrap().acl = true;
+        let fc = resource("shop", "products", s);
+        let first = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        let mut secret = first.secret.clone();
+        secret.data.as_mut().unwrap().insert(
+            env::REDIS_PASSWORD.into(),
+            ByteString(b"hunter2-secret".to_vec()),
+        );
+        let mut i = inputs(&fc, &[], &settings);
+        i.existing_secret = Some(&secret);
+        i.fresh_password = "hunter2-fresh".into();
+        i.redis_credentials = Lookup::Found(RedisCredentials {
+            username: Some("app".into()),
+            password: "hunter2-ref".into(),
+        });
+        i.nats_credentials = Lookup::Found("hunter2-nats".into());
+        let plan = plan(&i).unwrap();
+        let Plan::Provision(p) = &plan else {
+            panic!("provisioned")
+        };
+        assert!(secret_text(&p.secret, env::REDIS_PASSWORD)
+            .unwrap()
+            .contains("hunter2"));
+        let mut bad = resource("shop", "products", spec(Transport::Redis));
+        bad.spec.redis = None;
+        let rejected = super::plan(&inputs(&bad, &[], &settings)).unwrap();
+        let formatted = [
+            format!("{settings:?}"),
+            format!("{:?}", settings.redis_endpoints[0]),
+            format!("{i:?}"),
+            format!("{plan:?}"),
+            format!("{p:?}"),
+            format!("{:?}", p.acl_user),
+            format!("{:?}", i.redis_credentials),
+            format!("{rejected:?}"),
+            format!("{:?}", crate::acl::RedisAclProvisioner::default()),
+        ];
+        for text in formatted {
+            assert!(!text.contains("hunter2"), "a password in {text}");
+            assert!(
+                !text.contains(&first.acl_user.as_ref().unwrap().1.password),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_allocations_are_claimed_before_anything_uses_them_and_kept_ones_are_not_claimed_again() {
+        let settings = settings();
+        let mut s = spec(Transport::Redis);
+        s.distributed_cache = true;
+        let fc = resource("shop", "products", s);
+        let first = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        let claim = first.claim.clone().expect("a claim for new allocations");
+        assert_eq!(claim.redis_database, Some(0));
+        assert_eq!(claim.key_prefix.as_deref(), Some("shop.products:"));
+        assert!(
+            claim.conditions.is_empty(),
+            "the claim does not say Ready yet"
+        );
+        let fc = FusionCache {
+            status: Some(first.status.clone()),
+            ..fc
+        };
+        let again = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        assert_eq!(again.claim, None);
+    }
+
+    #[test]
+    fn every_redis_app_gets_a_key_prefix_acl_or_not() {
+        let settings = settings();
+        let mut s = spec(Transport::Redis);
+        s.distributed_cache = true;
+        let p =
+            provisioned(plan(&inputs(&resource("shop", "products", s), &[], &settings)).unwrap());
+        assert_eq!(p.status.key_prefix.as_deref(), Some("shop.products:"));
+        assert_eq!(p.config.key_prefix.as_deref(), Some("shop.products:"));
+        let nats = provisioned(
+            plan(&inputs(
+                &resource("shop", "n", spec(Transport::Nats)),
+                &[],
+                &settings,
+            ))
+            .unwrap(),
+        );
+        assert_eq!(nats.status.key_prefix, None, "no Redis, no key prefix");
+    }
+
+    #[test]
+    fn a_resource_that_lost_what_it_held_releases_its_objects_and_acl_user() {
+        let settings = settings();
+        let held = |fc: &mut FusionCache| {
+            fc.status = Some(FusionCacheStatus {
+                backplane_endpoint: Some("main".into()),
+                channel_prefix: Some("shop.products".into()),
+                redis_endpoint: Some("main".into()),
+                acl_user: Some("fc.x.products".into()),
+                key_prefix: Some("shop.products:".into()),
+                ..Default::default()
+            })
+        };
+        let mut older = resource("shop", "products", spec(Transport::Redis));
+        older.metadata.creation_timestamp = Some(Time("2023-01-01T00:00:00Z".parse().unwrap()));
+        held(&mut older);
+        let mut s = spec(Transport::Redis);
+        s.channel_prefix = Some("shop.products".into());
+        let mut newer = resource("x", "products", s);
+        held(&mut newer);
+        let all = vec![older, newer.clone()];
+        let r = rejected(plan(&inputs(&newer, &all, &settings)).unwrap());
+        assert_eq!(r.reason, "ChannelPrefixClash");
+        assert_eq!(
+            r.release,
+            Some(Release {
+                acl_user: Some(("main".into(), "fc.x.products".into()))
+            })
+        );
+        assert_eq!(r.status.channel_prefix, None, "the loser keeps nothing");
+        assert_eq!(r.status.acl_user, None);
+
+        // A resource that never held it only waits.
+        let mut s = spec(Transport::Redis);
+        s.channel_prefix = Some("shop.products".into());
+        let fresh = resource("y", "products", s);
+        let r = rejected(plan(&inputs(&fresh, &all, &settings)).unwrap());
+        assert_eq!(r.release, None);
+    }
+
+    #[test]
+    fn objects_the_operator_did_not_create_are_never_taken_over() {
+        let settings = settings();
+        let fc = resource("shop", "products", spec(Transport::Redis));
+        let theirs = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("products-fusioncache".into()),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        };
+        let mut i = inputs(&fc, &[], &settings);
+        i.existing_config_map = Some(&theirs);
+        let r = rejected(plan(&i).unwrap());
+        assert_eq!(r.reason, OBJECT_CONFLICT);
+        assert!(
+            r.message.contains("ConfigMap `products-fusioncache`"),
+            "{}",
+            r.message
+        );
+        assert!(!r.spec_error, "deleting the object fixes it: retry");
+        // Its own objects (owned by its uid) are fine.
+        let own = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        i.existing_config_map = Some(&own.config_map);
+        i.existing_secret = Some(&own.secret);
+        provisioned(plan(&i).unwrap());
+    }
+
+    #[test]
+    fn a_changed_password_keeps_the_previous_one_valid_for_the_grace_period() {
+        let settings = settings();
+        let mut s = spec(Transport::Redis);
+        s.redis.as_mut().unwrap().acl = true;
+        let fc = resource("shop", "products", s);
+        let first = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        let old = first.acl_user.clone().unwrap().1.password;
+        let fc = FusionCache {
+            status: Some(first.status.clone()),
+            ..fc
+        };
+        // The binding Secret is gone: a new password, the old one retiring in 10 minutes.
+        let mut i = inputs(&fc, &[], &settings);
+        i.fresh_password = "ffffffffffffffffffffffffffffffff".into();
+        let rotated = provisioned(plan(&i).unwrap());
+        let user = rotated.acl_user.clone().unwrap().1;
+        assert_eq!(user.password, "ffffffffffffffffffffffffffffffff");
+        assert_eq!(
+            user.retiring_password_hashes,
+            vec![crate::acl::password_sha256(&old)]
+        );
+        assert_eq!(
+            rotated.status.retiring_passwords[0].retire_after,
+            "2024-02-01T00:10:00Z"
+        );
+        assert_eq!(
+            rotated.next_retirement,
+            Some("2024-02-01T00:10:00Z".parse().unwrap())
+        );
+        assert!(
+            rotated.claim.is_some(),
+            "the rotation is recorded before the user changes"
+        );
+        // After the grace period it is dropped.
+        let fc = FusionCache {
+            status: Some(rotated.status.clone()),
+            ..fc
+        };
+        let mut later = inputs(&fc, &[], &settings);
+        later.existing_secret = Some(&rotated.secret);
+        later.now = "2024-02-01T00:10:01Z".parse().unwrap();
+        let settled = provisioned(plan(&later).unwrap());
+        assert!(settled
+            .acl_user
+            .unwrap()
+            .1
+            .retiring_password_hashes
+            .is_empty());
+        assert!(settled.status.retiring_passwords.is_empty());
+    }
+
+    #[test]
+    fn the_finalizer_is_only_for_resources_with_something_to_release() {
+        const F: &str = "fusioncache.io/cleanup";
+        let plain = resource("shop", "products", spec(Transport::Redis));
+        assert_eq!(
+            finalizer_step(&plain, F),
+            FinalizerStep::Apply {
+                add_finalizer: false
+            }
+        );
+        let mut acl = plain.clone();
+        acl.spec.redis.as_mut().unwrap().acl = true;
+        assert_eq!(
+            finalizer_step(&acl, F),
+            FinalizerStep::Apply {
+                add_finalizer: true
+            }
+        );
+        acl.metadata.finalizers = Some(vec![F.into()]);
+        assert_eq!(
+            finalizer_step(&acl, F),
+            FinalizerStep::Apply {
+                add_finalizer: false
+            }
+        );
+        acl.metadata.deletion_timestamp = Some(Time("2024-03-01T00:00:00Z".parse().unwrap()));
+        assert_eq!(
+            finalizer_step(&acl, F),
+            FinalizerStep::Cleanup { skip: false }
+        );
+        acl.metadata.annotations = Some(BTreeMap::from([(
+            crate::crd::SKIP_CLEANUP_ANNOTATION.to_string(),
+            "True".to_string(),
+        )]));
+        assert_eq!(
+            finalizer_step(&acl, F),
+            FinalizerStep::Cleanup { skip: true }
+        );
+        acl.metadata.finalizers = None;
+        assert_eq!(finalizer_step(&acl, F), FinalizerStep::Nothing);
+    }
+
+    #[test]
     fn objects_the_apiserver_never_sends_are_errors_not_panics() {
         let settings = settings();
         let mut fc = resource("shop", "products", spec(Transport::Redis));

@@ -12,7 +12,7 @@ use common::apiserver::{
     eventually, ApiServer, Rbac, CONFIGMAPS, EVENTS, FUSIONCACHES, LEASES, SECRETS,
 };
 use common::operator::{Operator, OPERATOR_NAMESPACE};
-use common::{redis_with_admin, ADMIN, ADMIN_PASSWORD};
+use common::{redis_with_admin, redis_with_password, ADMIN, ADMIN_PASSWORD};
 use fusioncache::config::env;
 use fusioncache_testkit::RedisServer;
 use serde_json::{json, Value};
@@ -34,12 +34,6 @@ fn settings(redis: &RedisServer) -> String {
         "redisEndpoints:\n  - name: main\n    url: {}\n    adminUsername: {ADMIN}\n    adminPassword: {ADMIN_PASSWORD}\n    databases: 16\n",
         redis.url()
     )
-}
-
-/// A redis-server whose `default` user (the operator's admin here) has a password on its command line, so
-/// that it survives a restart (ACL users created at run time do not: that is what the operator repairs).
-fn redis_with_password() -> RedisServer {
-    RedisServer::start_with_args(&["--requirepass", ADMIN_PASSWORD]).expect("redis-server starts")
 }
 
 fn default_user_settings(redis: &RedisServer) -> String {

@@ -44,6 +44,19 @@ pub fn redis_with_admin() -> RedisServer {
     redis
 }
 
+/// A redis-server whose `default` user has [`ADMIN_PASSWORD`] on its command line, so that the operator's
+/// admin survives a restart (ACL users created at run time do not: that is what the operator repairs).
+pub fn redis_with_password() -> RedisServer {
+    RedisServer::start_with_args(&["--requirepass", ADMIN_PASSWORD]).expect("redis-server starts")
+}
+
+/// Settings with the endpoint `main` on `redis`, administered as its `default` user.
+pub fn default_user_settings(redis: &RedisServer) -> Settings {
+    let mut s = settings(redis, ADMIN_PASSWORD);
+    s.redis_endpoints[0].admin_username = Some("default".into());
+    s
+}
+
 /// Settings with the endpoint `main` on `redis`, as the default.
 pub fn settings(redis: &RedisServer, admin_password: &str) -> Settings {
     Settings {
