@@ -18,8 +18,10 @@ export CARGO_TERM_COLOR ?= never
 demo:
 	$(CARGO) run -q -p fusioncache --example demo -- $(BACKPLANE) $(L2)
 
+# The chart tools too: the operator's namespace-scoped e2e test renders the chart with helm.
 deps:
 	@bash scripts/install-test-deps.sh
+	@bash scripts/install-chart-tools.sh
 
 test: deps fmt-check clippy unit chart
 

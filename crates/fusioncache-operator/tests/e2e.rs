@@ -711,3 +711,61 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     assert_eq!(writers(&api), BTreeSet::from([leader, new_leader]));
     no_request_was_forbidden(&api);
 }
+
+/// The chart rendered by helm (installed into .tools/ by `make deps`) with `args`.
+fn render_chart(args: &[&str]) -> tempfile::NamedTempFile {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let helm = root.join(".tools/bin/helm");
+    assert!(
+        helm.exists(),
+        "{} is missing: run `make deps` (scripts/install-chart-tools.sh)",
+        helm.display()
+    );
+    let tools = root.join(".tools/helm");
+    let out = std::process::Command::new(&helm)
+        .args(["template", "fusioncache-operator"])
+        .arg(root.join("charts/fusioncache-operator"))
+        .args(["--namespace", OPERATOR_NAMESPACE])
+        .args(args)
+        .env("HELM_CACHE_HOME", tools.join("cache"))
+        .env("HELM_CONFIG_HOME", tools.join("config"))
+        .env("HELM_DATA_HOME", tools.join("data"))
+        .output()
+        .expect("helm runs");
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &out.stdout).unwrap();
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_scoped_mode_watches_only_its_namespaces_with_roles_only() {
+    let rendered = render_chart(&["--set", "watchNamespaces={shop}"]);
+    let rbac = Rbac::from_manifests(rendered.path(), OPERATOR_NAMESPACE, "fusioncache-operator");
+    assert!(rbac.rules.iter().all(|r| r.namespace.is_some()), "Roles only: {rbac:?}");
+    let redis = redis_with_admin();
+    let api = ApiServer::start(Some(rbac)).await;
+    let mut op = Operator::start(
+        &api,
+        "op",
+        &settings(&redis),
+        &[("FUSIONCACHE_OPERATOR_WATCH_NAMESPACES", "shop")],
+    );
+    op.wait_ready(WAIT).await;
+    api.create(FUSIONCACHES, NS, fusioncache("products", true));
+    wait_condition(&api, "products", "True", "Provisioned").await;
+    api.create(FUSIONCACHES, "elsewhere", fusioncache("intruder", false));
+    api.create(FUSIONCACHES, NS, fusioncache("orders", false));
+    wait_condition(&api, "orders", "True", "Provisioned").await;
+    let intruder = api.get(FUSIONCACHES, "elsewhere", "intruder").unwrap();
+    assert!(intruder.get("status").is_none(), "not watched: {intruder}");
+    api.delete(FUSIONCACHES, NS, "products");
+    eventually(WAIT, "products deleted", || api.get(FUSIONCACHES, NS, "products").is_none().then_some(())).await;
+    no_request_was_forbidden(&api);
+    let outside: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| !matches!(r.namespace.as_deref(), Some(NS) | Some(OPERATOR_NAMESPACE)))
+        .collect();
+    assert!(outside.is_empty(), "requests outside the watched namespaces: {outside:#?}");
+}
