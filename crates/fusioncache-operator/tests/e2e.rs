@@ -321,6 +321,15 @@ async fn lifecycle_create_update_repair_restart_relist_lose_and_delete() {
     );
 
     stage("RBAC: nothing");
+    // No password in any log line, event, condition or status.
+    let everything = format!(
+        "{}{:?}{}",
+        op.log(),
+        api.list(EVENTS, None),
+        serde_json::to_string(&api.list(FUSIONCACHES, None)).unwrap()
+    );
+    assert!(!everything.contains(&password), "a password leaked");
+
     // RBAC: nothing was refused, and every verb the chart grants was used.
     no_request_was_forbidden(&api);
     let granted = chart_rbac().grants();
@@ -602,9 +611,17 @@ async fn a_failed_claim_never_hands_one_database_to_two_apps() {
     let api = ApiServer::start(Some(chart_rbac())).await;
     let mut op = Operator::start(&api, "op", &settings(&redis), &[]);
     op.wait_ready(WAIT).await;
-    // The first status write of `alpha` fails, as a flaky apiserver would make it.
-    api.fail_next("patch", "fusioncaches/status", Some("alpha"), 1, 500);
+    // The first status writes of `alpha` fail, as a flaky apiserver would make them.
+    api.fail_next("patch", "fusioncaches/status", Some("alpha"), 3, 500);
     api.create(FUSIONCACHES, NS, fusioncache("alpha", false));
+    // `beta` comes while `alpha` is between its failed status write and the retry.
+    eventually(WAIT, "alpha's status write failed", || {
+        api.requests()
+            .iter()
+            .any(|r| r.resource == "fusioncaches/status" && r.code == 500)
+            .then_some(())
+    })
+    .await;
     api.create(FUSIONCACHES, NS, fusioncache("beta", false));
     let alpha = wait_condition(&api, "alpha", "True", "Provisioned").await;
     let beta = wait_condition(&api, "beta", "True", "Provisioned").await;
@@ -732,7 +749,11 @@ fn render_chart(args: &[&str]) -> tempfile::NamedTempFile {
         .env("HELM_DATA_HOME", tools.join("data"))
         .output()
         .expect("helm runs");
-    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &out.stdout).unwrap();
     file
@@ -742,7 +763,10 @@ fn render_chart(args: &[&str]) -> tempfile::NamedTempFile {
 async fn namespace_scoped_mode_watches_only_its_namespaces_with_roles_only() {
     let rendered = render_chart(&["--set", "watchNamespaces={shop}"]);
     let rbac = Rbac::from_manifests(rendered.path(), OPERATOR_NAMESPACE, "fusioncache-operator");
-    assert!(rbac.rules.iter().all(|r| r.namespace.is_some()), "Roles only: {rbac:?}");
+    assert!(
+        rbac.rules.iter().all(|r| r.namespace.is_some()),
+        "Roles only: {rbac:?}"
+    );
     let redis = redis_with_admin();
     let api = ApiServer::start(Some(rbac)).await;
     let mut op = Operator::start(
@@ -760,12 +784,20 @@ async fn namespace_scoped_mode_watches_only_its_namespaces_with_roles_only() {
     let intruder = api.get(FUSIONCACHES, "elsewhere", "intruder").unwrap();
     assert!(intruder.get("status").is_none(), "not watched: {intruder}");
     api.delete(FUSIONCACHES, NS, "products");
-    eventually(WAIT, "products deleted", || api.get(FUSIONCACHES, NS, "products").is_none().then_some(())).await;
+    eventually(WAIT, "products deleted", || {
+        api.get(FUSIONCACHES, NS, "products")
+            .is_none()
+            .then_some(())
+    })
+    .await;
     no_request_was_forbidden(&api);
     let outside: Vec<_> = api
         .requests()
         .into_iter()
         .filter(|r| !matches!(r.namespace.as_deref(), Some(NS) | Some(OPERATOR_NAMESPACE)))
         .collect();
-    assert!(outside.is_empty(), "requests outside the watched namespaces: {outside:#?}");
+    assert!(
+        outside.is_empty(),
+        "requests outside the watched namespaces: {outside:#?}"
+    );
 }

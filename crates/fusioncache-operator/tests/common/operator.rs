@@ -44,7 +44,10 @@ impl Operator {
         std::fs::write(&settings_path, settings).unwrap();
         let log = dir.path().join("operator.log");
         let port = fusioncache_testkit::free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fusioncache-operator"));
+        // FUSIONCACHE_OPERATOR_BIN runs another build (say, an older one, to see a test fail without a fix).
+        let binary = std::env::var("FUSIONCACHE_OPERATOR_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fusioncache-operator").to_string());
+        let mut cmd = Command::new(binary);
         cmd.arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
