@@ -481,21 +481,31 @@ async fn apply(
             info!(resource = %object_key(fc), reason = r.reason, message = %r.message, "not provisioned");
             if let Some(release) = &r.release {
                 let uid = fc.uid().unwrap_or_default();
+                let mut released = Vec::new();
                 if let Some(cm) =
                     existing_config_map.filter(|c| reconcile::owned_by(&c.metadata, &uid))
                 {
                     delete_owned(&config_maps, &cm.name_any()).await?;
+                    released.push(format!("ConfigMap {}", cm.name_any()));
                 }
                 if let Some(s) = existing_secret.filter(|s| reconcile::owned_by(&s.metadata, &uid))
                 {
                     delete_owned(&secrets, &s.name_any()).await?;
+                    released.push(format!("Secret {}", s.name_any()));
                 }
                 if let Some((endpoint_name, username)) = &release.acl_user {
                     delete_acl_user(fc, ctx, endpoint_name, username).await?;
+                    released.push(format!("ACL user {username}"));
                 }
-                warn!(resource = %object_key(fc), "lost an allocation to an older resource: its ConfigMap, Secret and ACL user are deleted");
+                if !released.is_empty() {
+                    warn!(resource = %object_key(fc), released = %released.join(", "),
+                        "lost an allocation to an older resource: gave up what used it");
+                }
             }
             write_status(fc, ctx, &r.status).await?;
+            if r.release.is_some() {
+                forget_allocations(fc, ctx).await?;
+            }
             ctx.metrics.reconcile.set_outcome(false, r.reason);
             Ok(if r.spec_error {
                 Action::await_change()
@@ -504,6 +514,42 @@ async fn apply(
             })
         }
     }
+}
+
+/// Removes the allocation fields from the status even where another field manager set them (a restored
+/// backup, a hand edit): server-side apply only removes what the operator's own manager owns.
+async fn forget_allocations(fc: &FusionCache, ctx: &Context) -> Result<()> {
+    let fields = [
+        "channelPrefix",
+        "channel",
+        "backplaneEndpoint",
+        "redisEndpoint",
+        "redisDatabase",
+        "keyPrefix",
+        "aclUser",
+        "aclPasswordSha256",
+        "retiringPasswords",
+        "configMapName",
+        "secretName",
+        "binding",
+    ];
+    let nulls: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|f| (f.to_string(), serde_json::Value::Null))
+        .collect();
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
+    fc_api(fc, ctx)?
+        .patch_status(
+            &fc.name_required()?,
+            &params,
+            &Patch::Merge(serde_json::json!({ "status": nulls })),
+        )
+        .await
+        .map(drop)
+        .map_err(Error::Kube)
 }
 
 async fn delete_owned<K>(api: &Api<K>, name: &str) -> Result<()>

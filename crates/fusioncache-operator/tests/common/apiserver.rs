@@ -1254,16 +1254,7 @@ impl ApiServer {
 
     /// Changes an object as `kubectl edit` would (field manager `kubectl-edit`).
     pub fn edit(&self, kind: Kind, ns: &str, name: &str, change: impl FnOnce(&mut Value)) -> Value {
-        let mut s = self.lock();
-        let key = (kind, Some(ns.to_string()), name.to_string());
-        let mut obj = s
-            .objects
-            .get(&key)
-            .cloned()
-            .expect("the object to edit exists");
-        change(&mut obj);
-        s.update(&key, obj, "kubectl-edit", Part::Main)
-            .unwrap_or_else(|e| panic!("edit: {}", e.message))
+        self.edit_part(kind, ns, name, Part::Main, change)
     }
 
     /// Changes an object's status as `kubectl edit --subresource status` would.
@@ -1274,6 +1265,22 @@ impl ApiServer {
         name: &str,
         change: impl FnOnce(&mut Value),
     ) -> Value {
+        self.edit_part(kind, ns, name, Part::Status, |obj| {
+            if !obj["status"].is_object() {
+                obj["status"] = json!({});
+            }
+            change(&mut obj["status"]);
+        })
+    }
+
+    fn edit_part(
+        &self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+        part: Part,
+        change: impl FnOnce(&mut Value),
+    ) -> Value {
         let mut s = self.lock();
         let key = (kind, Some(ns.to_string()), name.to_string());
         let mut obj = s
@@ -1281,12 +1288,9 @@ impl ApiServer {
             .get(&key)
             .cloned()
             .expect("the object to edit exists");
-        if !obj["status"].is_object() {
-            obj["status"] = json!({});
-        }
-        change(&mut obj["status"]);
-        s.update(&key, obj, "kubectl-edit", Part::Status)
-            .unwrap_or_else(|e| panic!("edit status: {}", e.message))
+        change(&mut obj);
+        s.update(&key, obj, "kubectl-edit", part)
+            .unwrap_or_else(|e| panic!("edit: {}", e.message))
     }
 
     /// Deletes an object as `kubectl delete --wait=false` would.
