@@ -457,10 +457,18 @@ async fn apply(
                 .patch(&object, &params, &Patch::Apply(&p.config_map))
                 .await
                 .map_err(Error::Kube)?;
-            secrets
+            match secrets
                 .patch(&object, &params, &Patch::Apply(&p.secret))
                 .await
-                .map_err(Error::Kube)?;
+            {
+                Ok(_) => {}
+                // It changed since it was read (deleted for a rotation, say): decide again from it.
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    debug!(resource = %object_key(fc), "the binding Secret changed meanwhile: again");
+                    return Ok(Action::requeue(Duration::from_millis(50)));
+                }
+                Err(e) => return Err(Error::Kube(e)),
+            }
             write_status(fc, ctx, &p.status).await?;
             if reconcile::has_finalizer(fc, FINALIZER)
                 && !reconcile::needs_cleanup(&fc.spec, Some(&p.status))

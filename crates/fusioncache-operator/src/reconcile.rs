@@ -767,7 +767,12 @@ fn provision(
         ..ObjectMeta::default()
     };
     let config_map = render_config_map(meta.clone(), &config);
-    let secret = render_secret(meta, &config, nats_creds.as_deref());
+    let mut secret = render_secret(meta, &config, nats_creds.as_deref());
+    // The password was carried over from the Secret as it was read: apply only onto that version, so that
+    // a Secret deleted meanwhile (a rotation) is not brought back with the old password.
+    secret.metadata.resource_version = inputs
+        .existing_secret
+        .and_then(|s| s.metadata.resource_version.clone());
 
     let redis_endpoint = redis_target.as_ref().map(RedisTarget::key);
     let stale_acl_user = match (&previous.acl_user, &previous.redis_endpoint) {
@@ -1360,11 +1365,19 @@ mod tests {
         assert_eq!(user.key_prefix, "shop.products:");
         assert_eq!(user.channel, "shop.products.Backplane:v2");
 
+        assert_eq!(first.secret.metadata.resource_version, None, "a new Secret");
+        let mut read = first.secret.clone();
+        read.metadata.resource_version = Some("7".into());
         let mut i = inputs(&fc, &[], &settings);
-        i.existing_secret = Some(&first.secret);
+        i.existing_secret = Some(&read);
         i.fresh_password = "ffffffffffffffffffffffffffffffff".into();
         let second = provisioned(plan(&i).unwrap());
         assert_eq!(second.acl_user.unwrap().1.password, user.password);
+        assert_eq!(
+            second.secret.metadata.resource_version.as_deref(),
+            Some("7"),
+            "applied only onto the version the password was read from"
+        );
     }
 
     #[test]

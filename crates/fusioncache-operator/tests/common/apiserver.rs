@@ -871,6 +871,25 @@ impl Store {
     ) -> Answer {
         let kind = key.0;
         let existing = self.objects.get(key).cloned();
+        // An applied resourceVersion is a precondition, as in Kubernetes.
+        if let Some(want) = applied["metadata"]["resourceVersion"]
+            .as_str()
+            .filter(|v| !v.is_empty())
+        {
+            let have = existing
+                .as_ref()
+                .and_then(|o| o["metadata"]["resourceVersion"].as_str());
+            if have != Some(want) {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on {} \"{}\": the object has been modified",
+                        kind.resource, key.2
+                    ),
+                ));
+            }
+        }
         let mut obj = existing.clone().unwrap_or_else(|| {
             json!({ "apiVersion": kind.api_version(), "kind": kind.kind, "metadata": {
                 "name": key.2, "namespace": key.1 } })
