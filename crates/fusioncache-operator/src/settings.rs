@@ -340,7 +340,7 @@ fn parse_file(text: &str, source_name: &str) -> Result<SettingsFile, SettingsErr
     }
     serde_yaml::from_str(text).map_err(|e| SettingsError::Yaml {
         source_name: source_name.to_string(),
-        message: e.to_string(),
+        message: redact_parse_values(&e.to_string()),
     })
 }
 
@@ -381,6 +381,28 @@ pub fn canonical_redis_url(url: &str, namespace: Option<&str>) -> String {
     }
     let port = if port.is_empty() { "6379" } else { port };
     format!("{}://{host}:{port}", scheme.to_ascii_lowercase())
+}
+
+/// A YAML parse error without the value it quotes (`invalid type: string "hunter2", expected …`: the value
+/// may be a password); the kind of value and the field names (`unknown field `x``) stay.
+fn redact_parse_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = ["invalid type: ", "invalid value: "]
+        .iter()
+        .filter_map(|p| rest.find(p).map(|i| i + p.len()))
+        .min()
+    {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let end = rest.find(", expected").unwrap_or(rest.len());
+        let kind = rest[..end].split_whitespace().next().unwrap_or_default();
+        out.push_str(kind);
+        out.push_str(" <redacted>");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `url` with its credentials (`user:password@`) replaced by `***@`, for messages and logs.
@@ -624,6 +646,33 @@ defaultNatsUrl: nats://nats:4222
         )
         .unwrap_err();
         assert!(err.to_string().contains("endpoint `a` too"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_values() {
+        let err = Settings::from_yaml(
+            "redisEndpoints:\n  - name: a\n    url: redis://a:1\n    adminPassword: [hunter2]\n",
+            &env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = Settings::from_yaml(
+            "redisEndpoints:\n  - name: a\n    url: redis://a:1\n    databases: hunter2\n",
+            &env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !err.contains("hunter2") && err.contains("databases"),
+            "{err}"
+        );
+        assert_eq!(
+            redact_parse_values("x: invalid type: string \"hunter2\", expected u32 at line 2"),
+            "x: invalid type: string <redacted>, expected u32 at line 2"
+        );
+        let unknown = "unknown field `redisEndpoint`, expected one of `redisEndpoints`";
+        assert_eq!(redact_parse_values(unknown), unknown);
     }
 
     #[test]
