@@ -33,7 +33,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 /// A kind the double serves.
@@ -1373,13 +1373,6 @@ impl ApiServer {
     pub fn gone(&self) -> usize {
         self.lock().gone
     }
-
-    /// How many watches are open.
-    pub fn open_watches(&self) -> usize {
-        let mut s = self.lock();
-        s.watchers.retain(|w| !w.tx.is_closed());
-        s.watchers.len()
-    }
 }
 
 fn handle(
@@ -1676,14 +1669,4 @@ pub async fn eventually<T>(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A JSON map from pairs, for building objects in tests.
-pub fn obj(pairs: &[(&str, Value)]) -> Value {
-    Value::Object(
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect::<Map<_, _>>(),
-    )
 }
