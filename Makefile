@@ -4,6 +4,7 @@
 #   make demo BACKPLANE=redis://HOST:PORT              one OS process per node, Redis L2 + pub/sub
 #   make demo BACKPLANE=nats://HOST:PORT [L2=redis://HOST:PORT]   NATS backplane (+ Redis L2)
 #   make test                     installs what tests need, then every check CI runs
+#   make operator-e2e             the operator binary against the API-server double and a real redis-server
 #   make bench                    benchmarks, printed as tables with ratios against raw baselines
 #   make crd                      regenerates manifests/crd.yaml (and the chart's copy) from the Rust types
 #   make install-manifest         regenerates manifests/install.yaml from the chart
@@ -13,7 +14,7 @@ BACKPLANE ?=
 L2 ?=
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps fmt-check clippy unit chart bench bench-engine bench-redis bench-nats crd install-manifest fuzz
+.PHONY: demo test deps fmt-check clippy unit chart operator-e2e bench bench-engine bench-redis bench-nats crd install-manifest fuzz
 
 demo:
 	$(CARGO) run -q -p fusioncache --example demo -- $(BACKPLANE) $(L2)
@@ -36,6 +37,9 @@ unit:
 
 chart:
 	bash scripts/chart-check.sh
+
+operator-e2e: deps
+	$(CARGO) test -p fusioncache-operator --test e2e --test acl_redis
 
 bench: bench-engine bench-redis bench-nats
 
