@@ -196,16 +196,13 @@ pub async fn reconcile(fc: Arc<FusionCache>, ctx: Arc<Context>) -> Result<Action
             } else {
                 fc.clone()
             };
-            let mut written = None;
-            match apply(&fc, &ctx, &mut written).await {
+            let mut latest = None;
+            match apply(&fc, &ctx, &mut latest).await {
                 Ok(action) => Ok(action),
                 Err(error) => {
-                    // Say it in the status (on top of a claim already written), for this generation; the
-                    // error is retried with backoff.
-                    let mut base = (*fc).clone();
-                    if written.is_some() {
-                        base.status = written;
-                    }
+                    // Say it in the status (on top of what the apiserver has, a claim included), for this
+                    // generation; the error is retried with backoff.
+                    let base = latest.unwrap_or_else(|| (*fc).clone());
                     let status = reconcile::failed_status(
                         &base,
                         error.reason(),
@@ -343,12 +340,12 @@ async fn list_all(ctx: &Context) -> Result<Vec<FusionCache>> {
     Ok(all)
 }
 
-/// Provisions or rejects `fc`; `written` is set to a status written on the way (the claim), so that a
-/// failure is recorded on top of it.
+/// Provisions or rejects `fc`; `latest` is set to the resource as last known (listed, then with the claim
+/// written on the way), so that a failure is recorded on top of it.
 async fn apply(
     fc: &FusionCache,
     ctx: &Context,
-    written: &mut Option<FusionCacheStatus>,
+    latest: &mut Option<FusionCache>,
 ) -> Result<Action> {
     let namespace = fc.namespace_required()?;
     let name = fc.name_required()?;
@@ -359,6 +356,7 @@ async fn apply(
         .iter()
         .find(|o| o.uid().is_some() && o.uid() == fc.uid());
     let fc = fresh.unwrap_or(fc);
+    *latest = Some(fc.clone());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
 
@@ -437,7 +435,7 @@ async fn apply(
             if let Some(claim) = &p.claim {
                 write_status(&fc, ctx, claim).await?;
                 fc.status = Some(claim.clone());
-                *written = Some(claim.clone());
+                *latest = Some(fc.clone());
             }
             let fc = &fc;
             if let Some((endpoint_name, user)) = &p.acl_user {
