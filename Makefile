@@ -5,6 +5,8 @@
 #   make demo BACKPLANE=nats://HOST:PORT [L2=redis://HOST:PORT]   NATS backplane (+ Redis L2)
 #   make test                     installs what tests need, then every check CI runs
 #   make operator-e2e             the operator binary against the API-server double and a real redis-server
+#   make features                 the library alone: no optional feature, then each transport alone
+#   make msrv                     fails when a locked dependency needs a newer Rust than rust-version
 #   make bench                    benchmarks, printed as tables with ratios against raw baselines
 #   make crd                      regenerates manifests/crd.yaml (and the chart's copy) from the Rust types
 #   make install-manifest         regenerates manifests/install.yaml from the chart
@@ -14,7 +16,7 @@ BACKPLANE ?=
 L2 ?=
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps fmt-check clippy unit chart operator-e2e bench bench-engine bench-redis bench-nats crd install-manifest fuzz
+.PHONY: demo test deps fmt-check clippy unit features msrv docs chart operator-e2e bench bench-engine bench-redis bench-nats crd install-manifest fuzz
 
 demo:
 	$(CARGO) run -q -p fusioncache --example demo -- $(BACKPLANE) $(L2)
@@ -24,7 +26,7 @@ deps:
 	@bash scripts/install-test-deps.sh
 	@bash scripts/install-chart-tools.sh
 
-test: deps fmt-check clippy unit chart
+test: deps fmt-check clippy unit features msrv docs chart
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -34,6 +36,23 @@ clippy:
 
 unit:
 	$(CARGO) test --workspace --no-fail-fast
+
+# The library crate as a user with `default-features = false` builds it: with no optional feature (the core
+# builds with neither transport), then with each transport alone.
+features:
+	$(CARGO) test -p fusioncache --no-default-features
+	$(CARGO) test -p fusioncache --no-default-features --features redis
+	$(CARGO) test -p fusioncache --no-default-features --features nats
+	$(CARGO) test -p fusioncache --features metrics --test metrics
+
+# Every locked dependency of a published crate builds with the rust-version it declares (checked from
+# `cargo metadata`: one toolchain only here).
+msrv:
+	python3 scripts/msrv-check.py $(CARGO)
+
+# The docs.rs build: all features, `--cfg docsrs` (feature labels); warnings (broken links) fail.
+docs:
+	RUSTDOCFLAGS="--cfg docsrs -D warnings" RUSTC_BOOTSTRAP=1 $(CARGO) doc -p fusioncache --all-features --no-deps
 
 chart:
 	bash scripts/chart-check.sh

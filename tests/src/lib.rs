@@ -152,3 +152,27 @@ pub fn make_certificates(dir: &std::path::Path) {
         "san.ext",
     ]);
 }
+
+/// Writes a Service Binding directory as the operator's Secret is mounted: `type` and `provider`, then one
+/// file per `(name, value)`.
+pub fn write_binding(dir: &std::path::Path, values: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let identity = [
+        ("type", "fusioncache"),
+        ("provider", "fusioncache-operator"),
+    ];
+    for (file, value) in identity.iter().chain(values) {
+        std::fs::write(dir.join(file), value).unwrap();
+    }
+}
+
+/// Creates, or resets, the ACL user `user` with the one password `password`, allowed every key, channel
+/// and command.
+pub fn acl_user(server: &fusioncache_testkit::RedisServer, user: &str, password: &str) {
+    let pass = format!(">{password}");
+    let args = [
+        "ACL", "SETUSER", user, "reset", "on", &pass, "~*", "&*", "+@all",
+    ];
+    let reply = server.command(&args).unwrap();
+    assert_eq!(reply, "+OK\r\n", "ACL SETUSER {user}");
+}

@@ -131,10 +131,13 @@ async fn an_unreachable_redis_is_an_error_on_use_not_a_crash() {
         .unwrap()
         .build()
         .unwrap();
+    let surfaced = fusioncache::EntryOptions::new().surface_l2_errors(true);
     assert!(
-        cache.set("k", s("v")).await.is_err(),
-        "L2 write fails and says so"
+        cache.set_with("k", s("v"), &surfaced).await.is_err(),
+        "L2 write fails and, when asked, says so"
     );
+    assert!(cache.set("k", s("v")).await.is_ok(), "by default: queued");
+    assert_eq!(cache.pending_recovery(), 1);
     assert_eq!(cache.get("k").await, Some(s("v")), "L1 still serves");
     assert!(
         !cache

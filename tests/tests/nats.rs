@@ -109,7 +109,7 @@ async fn server_restart_mid_run_leaves_no_stale_read_after_reconnect() {
     );
     a.set("k", s("v2")).await.unwrap();
     assert!(
-        eventually(|| a.pending_notifications() == 1).await,
+        eventually(|| a.pending_recovery() == 1).await,
         "queued while NATS is down"
     );
     // While the backplane is down, b does not trust its L1: it reads through to L2.
@@ -117,7 +117,7 @@ async fn server_restart_mid_run_leaves_no_stale_read_after_reconnect() {
 
     server.restart().unwrap();
     connected(&[&a, &b]).await;
-    assert!(eventually(|| a.pending_notifications() == 0).await);
+    assert!(eventually(|| a.pending_recovery() == 0).await);
     assert_eq!(b.get("k").await, Some(s("v2")));
     a.set("k", s("v3")).await.unwrap();
     assert!(

@@ -357,6 +357,24 @@ mod tests {
     }
 
     #[test]
+    fn the_chart_readme_shows_the_allowlist_of_the_library() {
+        let readme = include_str!("../../../charts/fusioncache-operator/README.md");
+        let shown = readme
+            .lines()
+            .find(|l| l.trim_start().starts_with("+auth"))
+            .expect("the allowlist line in the chart README");
+        let shown: Vec<&str> = shown
+            .split_whitespace()
+            .filter(|w| !w.starts_with('['))
+            .collect();
+        assert_eq!(
+            shown,
+            allowed_commands(0),
+            "update charts/fusioncache-operator/README.md"
+        );
+    }
+
+    #[test]
     fn select_is_allowed_only_outside_database_zero() {
         assert!(!user(0).setuser_args().contains(&"+select".to_string()));
         assert!(user(3).setuser_args().contains(&"+select".to_string()));

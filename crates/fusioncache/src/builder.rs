@@ -1,21 +1,26 @@
 //! Building a cache.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{watch, Semaphore};
 
+use crate::auto_recovery::AutoRecovery;
 use crate::backplane::{channel_name, Backplane};
-use crate::cache::{BackplaneState, FusionCache, Inner, KeyLocks, L2Layer};
+use crate::backplane_accessor::BackplaneAccessor;
+use crate::cache::{FusionCache, Inner};
 use crate::error::Error;
-use crate::events::{CacheEvent, EventListener, Telemetry};
+use crate::events::{CacheEvent, EventListener};
+use crate::factory::KeyLocks;
+use crate::guard::KeyGuard;
+use crate::l1::L1;
 use crate::l2::DistributedCache;
+use crate::l2_accessor::L2Accessor;
 use crate::options::{CacheOptions, EntryOptions};
-use crate::recovery::{CircuitBreaker, Notifier};
 use crate::serializer::{JsonSerializer, Serializer};
+use crate::tags::Tags;
+use crate::telemetry::Telemetry;
 
 /// A distributed cache and the serializer of its values.
 type L2Parts<V> = (Arc<dyn DistributedCache>, Arc<dyn Serializer<V>>);
@@ -49,6 +54,8 @@ pub struct FusionCacheBuilder<V> {
     /// Which of name / channel prefix were set explicitly (they win over injected configuration).
     explicit_name: bool,
     explicit_channel_prefix: bool,
+    /// No subscription at all (the publish-only handle).
+    pub(crate) publish_only: bool,
 }
 
 impl<V> Default for FusionCacheBuilder<V>
@@ -74,6 +81,7 @@ where
             listeners: Vec::new(),
             explicit_name: false,
             explicit_channel_prefix: false,
+            publish_only: false,
         }
     }
 
@@ -123,9 +131,16 @@ where
         self
     }
 
-    /// The most notifications queued while the backplane is unreachable (default 10 000).
+    /// The most distributed operations queued for auto-recovery (default 10 000).
     pub fn auto_recovery_max_items(mut self, items: usize) -> Self {
         self.options.auto_recovery_max_items = items.max(1);
+        self
+    }
+
+    /// How long auto-recovery waits before retrying a failed L2 write or publish (default 2 s; see
+    /// [`CacheOptions::auto_recovery_delay`]).
+    pub fn auto_recovery_delay(mut self, delay: Duration) -> Self {
+        self.options.auto_recovery_delay = delay;
         self
     }
 
@@ -144,6 +159,27 @@ where
     /// The longest any entry stays in L1 memory, fail-safe window included (default 24 h).
     pub fn l1_max_retention(mut self, retention: Duration) -> Self {
         self.options.l1_max_retention = retention;
+        self
+    }
+
+    /// What a tag removal does to the entries carrying the tag (default: expire them, so they remain
+    /// fail-safe fallbacks).
+    pub fn remove_by_tag_behavior(mut self, behavior: crate::tags::RemoveByTagBehavior) -> Self {
+        self.options.remove_by_tag_behavior = behavior;
+        self
+    }
+
+    /// How long tag removal and clear timestamps are kept in L2 (default 7 days; see
+    /// [`CacheOptions::tag_retention`]).
+    pub fn tag_retention(mut self, retention: Duration) -> Self {
+        self.options.tag_retention = retention;
+        self
+    }
+
+    /// Publish-only: this node's changes are still sent to the others, but their notifications are not
+    /// applied here (FusionCache's `IgnoreIncomingBackplaneNotifications`).
+    pub fn ignore_incoming_notifications(mut self, ignore: bool) -> Self {
+        self.options.ignore_incoming_notifications = ignore;
         self
     }
 
@@ -201,6 +237,8 @@ where
     /// assert_eq!(cache.channel(), "products.Backplane:v2");
     /// # Ok(()) }
     /// ```
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
     pub async fn with_config(
         mut self,
         config: &crate::config::FusionCacheConfig,
@@ -233,6 +271,8 @@ where
     /// [`with_config`](Self::with_config) with the configuration of this process:
     /// [`FusionCacheConfig::load`](crate::config::FusionCacheConfig::load) (environment variables, Service
     /// Binding, `FUSIONCACHE_CONFIG` file).
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
     pub async fn with_injected_config(self) -> Result<Self, Error>
     where
         V: Serialize + DeserializeOwned,
@@ -247,17 +287,22 @@ where
         let options = self.options;
         let channel = channel_name(options.channel_prefix.as_deref(), Some(&options.name));
         let instance_id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
-        let telemetry = Arc::new(Telemetry::new(self.listeners));
-        let l1 = moka::sync::Cache::builder()
-            .max_capacity(options.l1_max_capacity)
-            .time_to_live(options.l1_max_retention)
-            .build();
-        let l2 = self.l2.map(|(store, serializer)| L2Layer {
-            store,
-            serializer,
-            breaker: CircuitBreaker::new(options.l2_circuit_breaker_duration),
+        let cache_name: Arc<str> = options.name.as_str().into();
+        let telemetry = Arc::new(Telemetry::new(self.listeners, &options.name));
+        let l2 = self.l2.map(|(store, serializer)| {
+            L2Accessor::new(
+                store,
+                serializer,
+                options.l2_circuit_breaker_duration,
+                telemetry.clone(),
+                cache_name.clone(),
+            )
         });
         let subscription = match &self.backplane {
+            Some(backplane) if self.publish_only => {
+                backplane.validate_channel(&channel)?;
+                None
+            }
             Some(backplane) => {
                 tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
                 backplane.validate_channel(&channel)?;
@@ -265,40 +310,52 @@ where
             }
             None => None,
         };
-        let notifier = self.backplane.map(|backplane| {
-            Arc::new(Notifier::new(
+        let backplane = self.backplane.map(|backplane| {
+            BackplaneAccessor::new(
                 backplane,
                 channel.clone(),
                 instance_id.clone(),
                 options.backplane_circuit_breaker_duration,
-                options.auto_recovery_max_items,
                 telemetry.clone(),
-            ))
+            )
         });
-        let initial = if notifier.is_some() {
-            BackplaneState::Connecting
-        } else {
-            BackplaneState::Disabled
-        };
+        let guard = Arc::new(KeyGuard::default());
+        let recovery = Arc::new(AutoRecovery::new(
+            options.auto_recovery_max_items,
+            options.auto_recovery_delay,
+            options.auto_recovery_max_delay,
+            guard.clone(),
+            telemetry.clone(),
+        ));
         let inner = Arc::new(Inner {
-            refreshes: Arc::new(Semaphore::new(options.max_concurrent_refreshes.max(1))),
+            l1: L1::new(
+                options.l1_max_capacity,
+                options.l1_max_retention,
+                options.l1_max_duration,
+                Tags::new(options.remove_by_tag_behavior),
+            ),
             options,
             default_entry_options: self.entry_options,
             instance_id,
             channel,
-            l1,
             l2,
-            notifier,
-            stale_epoch: AtomicU64::new(0),
-            backplane_down: AtomicBool::new(false),
+            backplane,
+            recovery,
+            guard,
             telemetry,
             key_locks: KeyLocks::default(),
-            state: watch::Sender::new(initial),
-            receiver: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+            recovery_started: std::sync::Once::new(),
+            publisher: std::sync::OnceLock::new(),
+            refresher: std::sync::OnceLock::new(),
         });
         if let Some(subscription) = subscription {
-            let task = crate::receiver::spawn(&inner, subscription);
-            *inner.receiver.lock().expect("receiver lock") = Some(task);
+            let task = crate::backplane_accessor::spawn_receiver(&inner, subscription);
+            inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
         }
         Ok(FusionCache { inner })
     }

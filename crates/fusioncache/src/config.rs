@@ -8,7 +8,7 @@
 //! A service loads it with one call, [`FusionCacheConfig::load`], which merges, from highest to lowest
 //! precedence:
 //!
-//! 1. environment variables (`FUSIONCACHE_CACHE_NAME`, …, see [`env`]),
+//! 1. environment variables (`FUSIONCACHE_CACHE_NAME`, …, see [`mod@env`]),
 //! 2. the Service Binding directory `$SERVICE_BINDING_ROOT/<name>` whose `type` file says `fusioncache`,
 //! 3. the YAML file named by `FUSIONCACHE_CONFIG`.
 //!
@@ -36,6 +36,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::backplane::channel_name;
+use crate::redact;
 
 /// Names of the environment variables the library reads (and the operator writes).
 pub mod env {
@@ -135,8 +136,8 @@ macro_rules! kind_from_str {
 kind_from_str!(BackplaneKind, env::BACKPLANE, ["redis" => BackplaneKind::Redis, "nats" => BackplaneKind::Nats, "memory" => BackplaneKind::Memory, "none" => BackplaneKind::None]);
 kind_from_str!(DistributedCacheKind, env::DISTRIBUTED_CACHE, ["redis" => DistributedCacheKind::Redis, "memory" => DistributedCacheKind::Memory, "none" => DistributedCacheKind::None]);
 
-/// Redis connection settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Redis connection settings. `Debug` hides the password and the URL's userinfo.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port` or `rediss://host:port` (TLS). Credentials may be inline or below.
@@ -149,12 +150,16 @@ pub struct RedisConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     /// Password (kept in a Secret by the operator, never in the ConfigMap).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "secret_string"
+    )]
     pub password: Option<String>,
 }
 
-/// NATS connection settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// NATS connection settings. `Debug` hides the URLs' userinfo (user, password or token).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NatsConfig {
     /// `nats://host:port` (or `tls://`), several separated by commas. User/password or token may be inline.
@@ -163,6 +168,60 @@ pub struct NatsConfig {
     /// Path of a `.creds` file (JWT + NKey seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<String>,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(redact::url))
+            .field("database", &self.database)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &self.password.as_ref().map(|_| redact::REDACTED),
+            )
+            .finish()
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url.as_deref().map(redact::url))
+            .field("credentials", &self.credentials)
+            .finish()
+    }
+}
+
+/// Deserializes a secret that must be a string; the error for any other value does not repeat it (an
+/// unquoted `password: 123456` would otherwise be echoed by the parser).
+fn secret_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Secret;
+    impl serde::de::Visitor<'_> for Secret {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a quoted string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Err(E::custom("a secret must be a quoted string"))
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Err(E::custom("a secret must be a quoted string"))
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Err(E::custom("a secret must be a quoted string"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Err(E::custom("a secret must be a quoted string"))
+        }
+    }
+    d.deserialize_any(Secret)
 }
 
 /// The injected configuration of one cache: what `fusioncache.yaml` holds.
@@ -197,6 +256,7 @@ pub struct FusionCacheConfig {
 
 /// An error in the injected configuration. It names the key (or file) and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// A value that does not parse or is out of range.
     #[error("invalid configuration value for `{key}`: {reason}")]
@@ -527,7 +587,10 @@ impl FusionCacheConfig {
                 {
                     return Err(ConfigError::invalid(
                         "redis.url",
-                        format!("`{url}` must start with redis://, rediss:// or unix://"),
+                        format!(
+                            "`{}` must start with redis://, rediss:// or unix://",
+                            redact::url(url)
+                        ),
                     ));
                 }
             }
@@ -567,6 +630,30 @@ impl FusionCacheConfig {
             needs("redis", redis_url)?;
         }
         Ok(())
+    }
+
+    /// A copy fit for printing: the Redis password and every URL's userinfo replaced by `<redacted>`.
+    ///
+    /// ```
+    /// use fusioncache::config::FusionCacheConfig;
+    ///
+    /// let config = FusionCacheConfig::from_yaml("redis:\n  url: redis://app:s3cret@r:6379\n  password: s3cret\n").unwrap();
+    /// let shown = config.redacted().to_yaml();
+    /// assert!(shown.contains("redis://<redacted>@r:6379") && !shown.contains("s3cret"));
+    /// ```
+    #[must_use]
+    pub fn redacted(&self) -> Self {
+        let mut copy = self.clone();
+        if let Some(r) = &mut copy.redis {
+            r.url = r.url.as_deref().map(redact::url);
+            if r.password.is_some() {
+                r.password = Some(redact::REDACTED.to_string());
+            }
+        }
+        if let Some(n) = &mut copy.nats {
+            n.url = n.url.as_deref().map(redact::url);
+        }
+        copy
     }
 
     /// The cache name, `FusionCache` when not configured.

@@ -1,24 +1,63 @@
-//! Turning injected configuration into transports, sharing one connection per endpoint in the process.
+//! Turning injected configuration into transports, sharing one connection per endpoint and credentials in
+//! the process.
+//!
+//! Connections are shared by the caches whose configurations name the same endpoint with the same
+//! credentials, compared in full through a [`Credentials`] fingerprint (never the password itself). Every
+//! [`FusionCacheConfig::load`] re-reads the Service Binding directory, so after a rotation the caches built
+//! from then on open new connections with the new secret.
 
 use std::collections::HashMap;
+#[cfg(any(feature = "redis", feature = "nats"))]
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, OnceLock};
 
+#[cfg(feature = "nats")]
+use crate::backplane::BackplaneError;
 use crate::backplane::{Backplane, MemoryBackplane};
 use crate::config::{BackplaneKind, ConfigError, DistributedCacheKind, FusionCacheConfig};
 use crate::error::Error;
 use crate::l2::{DistributedCache, MemoryDistributedCache};
+#[cfg(any(feature = "redis", feature = "nats"))]
+use crate::redact;
 
-/// Process-wide registries: every cache configured with the same endpoint shares it.
+/// A fingerprint of everything that selects and authenticates a connection (URL, database, user,
+/// password, credentials file contents): equal exactly for equal values, barring a 128-bit collision. It is
+/// keyed with random per-process keys, so it tells nothing about the password to whoever reads it.
+#[cfg(any(feature = "redis", feature = "nats"))]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Credentials([u64; 2]);
+
+#[cfg(any(feature = "redis", feature = "nats"))]
+impl Credentials {
+    fn of(parts: &[Option<&[u8]>]) -> Self {
+        static KEYS: OnceLock<[RandomState; 2]> = OnceLock::new();
+        let keys = KEYS.get_or_init(|| [RandomState::new(), RandomState::new()]);
+        // `Option` and slices hash their discriminant and length: ("ab", "c") != ("a", "bc").
+        Self([keys[0].hash_one(parts), keys[1].hash_one(parts)])
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "nats"))]
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(..)")
+    }
+}
+
+/// Process-wide registries: every cache configured with the same endpoint and credentials shares it.
 #[derive(Default)]
 struct Registry {
     memory_backplane: Option<MemoryBackplane>,
     memory_l2: HashMap<String, MemoryDistributedCache>,
     #[cfg(feature = "redis")]
-    redis: HashMap<String, crate::redis::RedisConnection>,
+    redis: HashMap<Credentials, crate::redis::RedisConnection>,
     #[cfg(feature = "redis")]
-    redis_backplanes: HashMap<String, Arc<crate::backplane::redis::RedisBackplane>>,
+    redis_backplanes: HashMap<Credentials, Arc<crate::backplane::redis::RedisBackplane>>,
     #[cfg(feature = "nats")]
-    nats: HashMap<String, Arc<tokio::sync::OnceCell<Arc<crate::backplane::nats::NatsBackplane>>>>,
+    nats: HashMap<
+        Credentials,
+        Arc<tokio::sync::OnceCell<Arc<crate::backplane::nats::NatsBackplane>>>,
+    >,
 }
 
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
@@ -30,20 +69,23 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
 }
 
 #[cfg(feature = "redis")]
-fn redis_connection(config: &FusionCacheConfig) -> Result<crate::redis::RedisConnection, Error> {
+fn redis_connection(
+    config: &FusionCacheConfig,
+) -> Result<(Credentials, crate::redis::RedisConnection), Error> {
     let r = config.redis.clone().unwrap_or_default();
     let url = r.url.clone().ok_or_else(|| {
         ConfigError::Missing(format!("redis.url ({})", crate::config::env::REDIS_URL))
     })?;
-    let key = format!(
-        "{url}|{:?}|{:?}|{}",
-        r.database,
-        r.username,
-        r.password.as_deref().map_or(0, str::len)
-    );
+    let database = r.database.map(|d| d.to_string());
+    let key = Credentials::of(&[
+        Some(url.as_bytes()),
+        database.as_deref().map(str::as_bytes),
+        r.username.as_deref().map(str::as_bytes),
+        r.password.as_deref().map(str::as_bytes),
+    ]);
     let mut reg = registry();
     if let Some(conn) = reg.redis.get(&key) {
-        return Ok(conn.clone());
+        return Ok((key, conn.clone()));
     }
     let conn = crate::redis::RedisConnection::open_parts(
         &url,
@@ -52,9 +94,27 @@ fn redis_connection(config: &FusionCacheConfig) -> Result<crate::redis::RedisCon
         r.password.as_deref(),
         crate::redis::RedisOptions::default(),
     )
-    .map_err(|e| ConfigError::invalid("redis.url", e.to_string()))?;
+    .map_err(|e| {
+        let secrets = redact::userinfo(&url).chain(r.password.as_deref());
+        ConfigError::invalid("redis.url", redact::scrub(e.to_string(), secrets))
+    })?;
     reg.redis.insert(key, conn.clone());
-    Ok(conn)
+    Ok((key, conn))
+}
+
+/// A transport's error with the secrets of its configuration hidden (it may quote the URL it was given).
+#[cfg(feature = "nats")]
+fn scrub_backplane_error(e: BackplaneError, secrets: &[&str]) -> BackplaneError {
+    let scrub = |m| redact::scrub(m, secrets.iter().copied());
+    match e {
+        BackplaneError::Transport(m) => BackplaneError::Transport(scrub(m)),
+        BackplaneError::Config(m) => BackplaneError::Config(scrub(m)),
+        BackplaneError::InvalidChannel { channel, reason } => BackplaneError::InvalidChannel {
+            channel,
+            reason: scrub(reason),
+        },
+        other => other,
+    }
 }
 
 /// The distributed cache a configuration selects, if any.
@@ -74,7 +134,7 @@ pub(crate) fn distributed_cache(
         }
         #[cfg(feature = "redis")]
         DistributedCacheKind::Redis => {
-            let conn = redis_connection(config)?;
+            let (_, conn) = redis_connection(config)?;
             let store = crate::l2::redis::RedisDistributedCache::new(conn)
                 .key_prefix(config.key_prefix.clone().unwrap_or_default());
             Ok(Some(Arc::new(store)))
@@ -99,11 +159,11 @@ pub(crate) async fn backplane(
         }
         #[cfg(feature = "redis")]
         Some(BackplaneKind::Redis) => {
-            let conn = redis_connection(config)?;
+            let (key, conn) = redis_connection(config)?;
             let mut reg = registry();
             let bp = reg
                 .redis_backplanes
-                .entry(conn.endpoint().to_string())
+                .entry(key)
                 .or_insert_with(|| Arc::new(crate::backplane::redis::RedisBackplane::new(conn)))
                 .clone();
             Ok(Some(bp))
@@ -114,7 +174,13 @@ pub(crate) async fn backplane(
             let url = n.url.clone().ok_or_else(|| {
                 ConfigError::Missing(format!("nats.url ({})", crate::config::env::NATS_URL))
             })?;
-            let key = format!("{url}|{:?}", n.credentials);
+            // The file's contents count: a rotated `.creds` file at the same path is another identity.
+            let creds = n.credentials.as_deref().map(std::fs::read);
+            let key = Credentials::of(&[
+                Some(url.as_bytes()),
+                n.credentials.as_deref().map(str::as_bytes),
+                creds.as_ref().and_then(|c| c.as_deref().ok()),
+            ]);
             let cell = registry().nats.entry(key).or_default().clone();
             let bp = cell
                 .get_or_try_init(|| async {
@@ -125,6 +191,10 @@ pub(crate) async fn backplane(
                     crate::backplane::nats::NatsBackplane::connect_with(options)
                         .await
                         .map(Arc::new)
+                        .map_err(|e| {
+                            let secrets: Vec<&str> = redact::userinfo(&url).collect();
+                            scrub_backplane_error(e, &secrets)
+                        })
                 })
                 .await?
                 .clone();

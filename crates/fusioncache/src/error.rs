@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::backplane::BackplaneError;
+#[cfg(feature = "config")]
 use crate::config::ConfigError;
 use crate::l2::L2Error;
 use crate::serializer::SerializerError;
@@ -12,6 +13,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// An error of a cache operation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The factory of `get_or_set` failed and no fail-safe value could stand in.
     #[error("factory for key `{key}` failed: {source}")]
@@ -48,6 +50,8 @@ pub enum Error {
     #[error(transparent)]
     Backplane(#[from] BackplaneError),
     /// The cache could not be configured.
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// Building the cache needs a Tokio runtime (for the backplane task) and none is running.

@@ -25,7 +25,6 @@
 //! # }
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backplane::Action;
@@ -66,8 +65,16 @@ pub enum CacheEvent<'a> {
         /// The key.
         key: &'a str,
     },
-    /// The cache was cleared.
-    Clear,
+    /// The cache was cleared (expire-all with `allow_fail_safe`, else remove-all).
+    Clear {
+        /// Whether the cleared entries stay usable as fail-safe fallbacks.
+        allow_fail_safe: bool,
+    },
+    /// The entries of a tag were removed.
+    RemoveByTag {
+        /// The tag.
+        tag: &'a str,
+    },
     /// A factory ran.
     FactoryRun {
         /// The key.
@@ -101,16 +108,29 @@ pub enum CacheEvent<'a> {
         /// Why.
         reason: String,
     },
-    /// A notification could not be published and was queued for when the backplane is back.
-    BackplaneQueued {
+    /// A distributed operation (its L2 step and notification, or only the notification) failed and was
+    /// queued for auto-recovery.
+    AutoRecoveryQueued {
+        /// The key.
+        key: &'a str,
+        /// The operation.
+        action: Action,
+    },
+    /// A queued operation went through on a retry.
+    AutoRecoveryReplayed {
         /// The key.
         key: &'a str,
     },
-    /// The queue of pending notifications was full: the oldest was dropped.
-    BackplaneQueueOverflow {
-        /// The key of the dropped notification.
+    /// A queued operation was dropped.
+    AutoRecoveryDropped {
+        /// The key.
         key: &'a str,
+        /// Why.
+        reason: DropReason,
     },
+    /// This cache fell behind its transport (its buffer was full) and missed notifications: its whole L1
+    /// was marked stale, as after a reconnection.
+    BackplaneOverflow,
     /// The backplane subscription became active (first connection, or a reconnection).
     BackplaneConnected {
         /// `true` for a reconnection.
@@ -121,106 +141,40 @@ pub enum CacheEvent<'a> {
         /// What the transport said.
         reason: String,
     },
-    /// Every L1 entry was marked stale (after a reconnection).
+    /// Every L1 entry was marked stale (after a reconnection or a missed notification).
     L1MarkedStale,
+    /// A circuit breaker opened (calls to that layer are skipped for a while) or closed again.
+    CircuitBreaker {
+        /// Which layer.
+        layer: Layer,
+        /// `true` when it opened.
+        open: bool,
+    },
+}
+
+/// A distributed layer of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Layer {
+    /// The distributed cache (L2).
+    Distributed,
+    /// The backplane.
+    Backplane,
+}
+
+/// Why an auto-recovery item left the queue without going through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// Its entry would have expired everywhere by now: nothing left to recover.
+    Expired,
+    /// A newer write of the key (from this node or another) made it obsolete.
+    Superseded,
+    /// The queue was full and this item expired soonest.
+    Overflow,
 }
 
 /// A listener of cache events.
 pub type EventListener = Arc<dyn Fn(&CacheEvent<'_>) + Send + Sync>;
 
-macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),+ $(,)?) => {
-        /// A snapshot of a cache's counters.
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-        pub struct CacheStats {
-            $($(#[$doc])* pub $name: u64,)+
-        }
-
-        #[derive(Debug, Default)]
-        pub(crate) struct Counters {
-            $(pub(crate) $name: AtomicU64,)+
-        }
-
-        impl Counters {
-            pub(crate) fn snapshot(&self) -> CacheStats {
-                CacheStats { $($name: self.$name.load(Ordering::Relaxed),)+ }
-            }
-        }
-    };
-}
-
-counters! {
-    /// Fresh values served from L1.
-    l1_hits,
-    /// Fresh values served from L2.
-    l2_hits,
-    /// Reads that found nothing usable.
-    misses,
-    /// Expired values served as fail-safe fallbacks.
-    stale_served,
-    /// Values written.
-    sets,
-    /// Entries removed.
-    removes,
-    /// Entries marked expired.
-    expires,
-    /// Factory runs.
-    factory_runs,
-    /// Factory runs that failed or timed out.
-    factory_errors,
-    /// Distributed-cache errors.
-    l2_errors,
-    /// Notifications published.
-    backplane_sent,
-    /// Notifications from other nodes applied.
-    backplane_received,
-    /// Own notifications that came back and were ignored.
-    backplane_self_ignored,
-    /// Malformed payloads dropped.
-    backplane_malformed,
-    /// Well-formed payloads of an unknown version or action, ignored.
-    backplane_unsupported,
-    /// Notifications queued because the backplane was unreachable.
-    backplane_queued,
-    /// Queued notifications dropped because the queue was full.
-    backplane_queue_overflow,
-    /// Queued notifications sent after recovery.
-    backplane_replayed,
-    /// Backplane reconnections.
-    backplane_reconnects,
-    /// Times every L1 entry was marked stale.
-    l1_mark_all_stale,
-}
-
-impl Counters {
-    pub(crate) fn incr(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Counters and listeners of one cache, shared by its parts.
-#[derive(Default)]
-pub(crate) struct Telemetry {
-    pub(crate) counters: Counters,
-    listeners: Vec<EventListener>,
-}
-
-impl Telemetry {
-    pub(crate) fn new(listeners: Vec<EventListener>) -> Self {
-        Self {
-            counters: Counters::default(),
-            listeners,
-        }
-    }
-
-    /// Calls the listeners with the event `make` builds; builds nothing when there is no listener.
-    #[inline]
-    pub(crate) fn emit<'a>(&self, make: impl FnOnce() -> CacheEvent<'a>) {
-        if !self.listeners.is_empty() {
-            let event = make();
-            for listener in &self.listeners {
-                listener(&event);
-            }
-        }
-    }
-}
+pub use crate::telemetry::CacheStats;

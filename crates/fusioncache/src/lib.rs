@@ -28,30 +28,60 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Features: `redis` (Redis L2 and pub/sub backplane) and `nats` (NATS backplane), both on by default; the
-//! core builds with neither.
+//! Features: `config` (the injected configuration: [`config`], `FusionCacheBuilder::with_config` and
+//! `with_injected_config`), `redis` (Redis L2 and pub/sub backplane) and `nats` (NATS backplane), all on by
+//! default; the core builds with none of them.
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// rust-version 1.89 turns this lint on; `events.rs` and `backplane/redis.rs` still write `n % k == 0`.
+// Remove once they use `is_multiple_of`.
+#![allow(clippy::manual_is_multiple_of)]
 
+mod auto_recovery;
 pub mod backplane;
+mod backplane_accessor;
 mod builder;
 mod cache;
+mod circuit_breaker;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;
+#[cfg(feature = "config")]
 mod connect;
-mod entry;
 mod error;
 pub mod events;
+mod factory;
+mod guard;
+mod l1;
 pub mod l2;
+mod l2_accessor;
+mod notifier;
 mod options;
-mod receiver;
-mod recovery;
+mod reads;
+#[cfg(any(feature = "config", feature = "nats"))]
+mod redact;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod serializer;
+mod tags;
+mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod writes;
 
 pub use builder::FusionCacheBuilder;
 pub use cache::{BackplaneState, FusionCache};
-pub use error::Error;
+pub use error::{BoxError, Error};
+pub use factory::FactoryContext;
+pub use notifier::{CacheNotifier, CacheNotifierBuilder};
 pub use options::{CacheOptions, EntryOptions};
+pub use tags::RemoveByTagBehavior;
+
+/// The README's examples, compiled as doctests so that they cannot rot.
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
 
 /// The cache name used when none is configured (as in FusionCache).
 pub const DEFAULT_CACHE_NAME: &str = "FusionCache";

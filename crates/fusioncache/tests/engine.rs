@@ -275,7 +275,7 @@ async fn soft_timeout_returns_the_fallback_and_the_factory_completes_in_backgrou
     cache.set("k", s("old")).await.unwrap();
     assert!(eventually(|| cache.peek("k").is_none()).await);
     let v = cache
-        .get_or_set("k", || async {
+        .get_or_set_detached("k", &options, |_| async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             Ok::<_, std::io::Error>(s("new"))
         })
@@ -415,14 +415,14 @@ async fn reconnection_marks_l1_stale_and_replays_queued_notifications() {
     // While disconnected, b revalidates its L1 against L2 on every read.
     a.set("k", s("v2")).await.unwrap();
     assert!(
-        eventually(|| a.pending_notifications() == 1).await,
+        eventually(|| a.pending_recovery() == 1).await,
         "queued, not lost"
     );
     assert_eq!(b.get("k").await, Some(s("v2")));
     a.remove("gone").await.unwrap();
     a.set("k", s("v3")).await.unwrap();
     assert!(
-        eventually(|| a.pending_notifications() == 2).await,
+        eventually(|| a.pending_recovery() == 2).await,
         "one per key, newest wins"
     );
 
@@ -430,7 +430,7 @@ async fn reconnection_marks_l1_stale_and_replays_queued_notifications() {
         .await
         .unwrap();
     c.bus.reconnect();
-    assert!(eventually(|| a.pending_notifications() == 0).await);
+    assert!(eventually(|| a.pending_recovery() == 0).await);
     assert!(eventually(|| b.stats().l1_mark_all_stale == 1).await);
     assert_eq!(
         b.peek("local"),
@@ -438,7 +438,7 @@ async fn reconnection_marks_l1_stale_and_replays_queued_notifications() {
         "every L1 entry is stale after a reconnection"
     );
     assert_eq!(b.get("k").await, Some(s("v3")));
-    assert_eq!(a.stats().backplane_replayed, 2);
+    assert_eq!(a.stats().auto_recovery_replayed, 2);
 }
 
 #[tokio::test]

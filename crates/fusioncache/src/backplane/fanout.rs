@@ -1,4 +1,9 @@
 //! The subscriptions of one transport, by channel: every transport fans events out the same way.
+//!
+//! Delivery never waits: each subscription (one cache) has its own bounded buffer, and when it is full the
+//! event is dropped for that subscription only and recorded as a gap it will see (its L1 is then marked
+//! stale, as after a reconnection). A slow or blocked cache never holds up the others on the same transport,
+//! nor the transport's own loop and health checks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -6,60 +11,98 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::{BackplaneEvent, Subscription};
+use super::{BackplaneEvent, Lag, Subscription};
 
-/// Capacity of the event queue of one subscription.
-const SUBSCRIPTION_BUFFER: usize = 8192;
+/// Capacity of the event buffer of one subscription.
+pub(crate) const SUBSCRIPTION_BUFFER: usize = 8192;
 
-type Senders = Arc<[mpsc::Sender<BackplaneEvent>]>;
+/// One subscription's sending side.
+#[derive(Clone)]
+pub(crate) struct Subscriber {
+    tx: mpsc::Sender<BackplaneEvent>,
+    lag: Arc<Lag>,
+}
+
+impl Subscriber {
+    /// Delivers `event` without waiting; returns `false` when the subscription is gone.
+    pub fn deliver(&self, event: BackplaneEvent) -> bool {
+        match self.tx.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(event)) => {
+                self.lag.record(event);
+                true
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+type Subscribers = Arc<[Subscriber]>;
 
 /// The live subscriptions of a transport, by channel. Cheap to clone (shared).
 ///
-/// Each channel keeps an immutable snapshot of its senders, replaced on subscribe and when a closed one is
-/// found, so delivering a message takes the lock only to clone one `Arc`.
+/// Each channel keeps an immutable snapshot of its subscribers, replaced on subscribe and when a closed one
+/// is found, so delivering a message takes the lock only to clone one `Arc`.
 #[derive(Clone, Default)]
 pub(crate) struct Fanout {
-    channels: Arc<Mutex<HashMap<String, Senders>>>,
+    channels: Arc<Mutex<HashMap<String, Subscribers>>>,
 }
 
 impl Fanout {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Senders>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Subscribers>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a subscription to `channel`; returns it with its sender (to greet it alone).
-    pub fn add(&self, channel: &str) -> (Subscription, mpsc::Sender<BackplaneEvent>) {
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+    /// Adds a subscription to `channel`; returns it with its sending side (to greet it alone).
+    pub fn add(&self, channel: &str) -> (Subscription, Subscriber) {
+        self.add_with_capacity(channel, SUBSCRIPTION_BUFFER)
+    }
+
+    pub fn add_with_capacity(&self, channel: &str, capacity: usize) -> (Subscription, Subscriber) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let lag = Arc::new(Lag::default());
+        let subscriber = Subscriber {
+            tx,
+            lag: lag.clone(),
+        };
         let mut map = self.lock();
-        let senders = map
+        let subscribers = map
             .entry(channel.to_string())
             .or_insert_with(|| Arc::from([]));
-        *senders = senders
+        *subscribers = subscribers
             .iter()
             .filter(|s| !s.is_closed())
             .cloned()
-            .chain([tx.clone()])
+            .chain([subscriber.clone()])
             .collect();
-        (Subscription::new(rx), tx)
+        (Subscription::with_lag(rx, lag), subscriber)
     }
 
-    /// Drops the closed senders, and the channels left without any.
+    /// Drops the closed subscribers, and the channels left without any.
     fn prune(&self) {
-        self.lock().retain(|_, senders| {
-            if senders.iter().any(|s| s.is_closed()) {
-                *senders = senders.iter().filter(|s| !s.is_closed()).cloned().collect();
+        self.lock().retain(|_, subscribers| {
+            if subscribers.iter().any(|s| s.is_closed()) {
+                *subscribers = subscribers
+                    .iter()
+                    .filter(|s| !s.is_closed())
+                    .cloned()
+                    .collect();
             }
-            !senders.is_empty()
+            !subscribers.is_empty()
         });
     }
 
-    /// The live senders of `channel` (of every channel when `None`).
-    pub fn senders(&self, channel: Option<&str>) -> Vec<mpsc::Sender<BackplaneEvent>> {
+    /// The live subscribers of `channel` (of every channel when `None`).
+    pub fn subscribers(&self, channel: Option<&str>) -> Vec<Subscriber> {
         self.prune();
         let map = self.lock();
         map.iter()
             .filter(|(name, _)| channel.is_none_or(|c| c == name.as_str()))
-            .flat_map(|(_, senders)| senders.iter().cloned())
+            .flat_map(|(_, subscribers)| subscribers.iter().cloned())
             .collect()
     }
 
@@ -70,38 +113,66 @@ impl Fanout {
         self.lock().keys().cloned().collect()
     }
 
-    /// Delivers `event` to the subscriptions of `channel`, waiting for room when one is full: a slow cache
-    /// slows its transport down rather than losing notifications.
-    pub async fn send_to(&self, channel: &str, event: BackplaneEvent) {
-        let Some(senders) = self.lock().get(channel).cloned() else {
+    /// Delivers `event` to the subscriptions of `channel`, without waiting.
+    pub fn send_to(&self, channel: &str, event: BackplaneEvent) {
+        let Some(subscribers) = self.lock().get(channel).cloned() else {
             return;
         };
         let mut closed = false;
-        for tx in senders.iter() {
-            match tx.try_send(event.clone()) {
-                Ok(()) => {}
-                Err(TrySendError::Full(event)) => closed |= tx.send(event).await.is_err(),
-                Err(TrySendError::Closed(_)) => closed = true,
-            }
+        for s in subscribers.iter() {
+            closed |= !s.deliver(event.clone());
         }
         if closed {
             self.prune();
         }
     }
 
-    /// Delivers `event` to every subscription.
-    pub async fn send_all(&self, event: BackplaneEvent) {
-        for tx in self.senders(None) {
-            // A closed receiver is a cache that was dropped; nothing to deliver.
-            let _ = tx.send(event.clone()).await;
+    /// Delivers `event` (a connection change) to every subscription, without waiting.
+    pub fn send_all(&self, event: BackplaneEvent) {
+        for s in self.subscribers(None) {
+            s.deliver(event.clone());
         }
     }
+}
 
-    /// Delivers a state change to every subscription without waiting (one that is that far behind sees the
-    /// next one).
-    pub fn try_send_all(&self, event: BackplaneEvent) {
-        for tx in self.senders(None) {
-            let _ = tx.try_send(event.clone());
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn a_full_subscription_loses_events_alone_and_knows_it() {
+        let fanout = Fanout::default();
+        let (mut slow, _) = fanout.add_with_capacity("c", 2);
+        let (mut fast, _) = fanout.add_with_capacity("c", 1024);
+        for i in 0..10u8 {
+            fanout.send_to("c", BackplaneEvent::Message(Bytes::from(vec![i])));
         }
+        fanout.send_all(BackplaneEvent::Disconnected {
+            reason: "test".into(),
+        });
+        for i in 0..10u8 {
+            assert_eq!(
+                fast.next().await,
+                Some(BackplaneEvent::Message(Bytes::from(vec![i])))
+            );
+        }
+        assert!(!fast.take_missed());
+        assert!(matches!(
+            fast.next().await,
+            Some(BackplaneEvent::Disconnected { .. })
+        ));
+
+        assert!(slow.take_missed(), "the slow one knows it missed some");
+        assert!(!slow.take_missed(), "once");
+        // The missed connection change comes first, then what fitted.
+        assert!(matches!(
+            slow.next().await,
+            Some(BackplaneEvent::Disconnected { .. })
+        ));
+        assert_eq!(
+            slow.next().await,
+            Some(BackplaneEvent::Message(Bytes::from(vec![0])))
+        );
     }
 }

@@ -12,8 +12,8 @@ use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
 /// An in-process backplane: every cache built with a clone of the same `MemoryBackplane` acts as a
 /// separate node of one cluster. It is the embedded default, and the transport of tests and demos.
 ///
-/// [`disconnect`](Self::disconnect) and [`reconnect`](Self::reconnect) simulate an outage of the bus, so
-/// that the connection-loss behaviour of the cache can be exercised without a server.
+/// With the `testing` feature, `disconnect` and `reconnect` simulate an outage of the bus, so that the
+/// connection-loss behaviour of the cache can be exercised without a server.
 ///
 /// ```
 /// use fusioncache::{FusionCache, backplane::MemoryBackplane};
@@ -56,6 +56,7 @@ impl MemoryBackplane {
     }
 
     /// Simulates an outage: every subscription gets `Disconnected`, publishes fail until `reconnect`.
+    #[cfg(feature = "testing")]
     pub fn disconnect(&self) {
         if !self.inner.down.swap(true, Ordering::SeqCst) {
             self.broadcast_state(BackplaneEvent::Disconnected {
@@ -65,6 +66,7 @@ impl MemoryBackplane {
     }
 
     /// Ends a simulated outage: every subscription gets `Connected`.
+    #[cfg(feature = "testing")]
     pub fn reconnect(&self) {
         if self.inner.down.swap(false, Ordering::SeqCst) {
             self.broadcast_state(BackplaneEvent::Connected);
@@ -72,12 +74,14 @@ impl MemoryBackplane {
     }
 
     /// The number of live subscriptions on `channel`.
+    #[cfg(feature = "testing")]
     pub fn subscriber_count(&self, channel: &str) -> usize {
-        self.inner.subscriptions.senders(Some(channel)).len()
+        self.inner.subscriptions.subscribers(Some(channel)).len()
     }
 
+    #[cfg(feature = "testing")]
     fn broadcast_state(&self, event: BackplaneEvent) {
-        self.inner.subscriptions.try_send_all(event);
+        self.inner.subscriptions.send_all(event);
     }
 }
 
@@ -85,7 +89,7 @@ impl Backplane for MemoryBackplane {
     fn subscribe(&self, channel: &str) -> Result<Subscription, BackplaneError> {
         let (subscription, tx) = self.inner.subscriptions.add(channel);
         if self.is_connected() {
-            let _ = tx.try_send(BackplaneEvent::Connected);
+            tx.deliver(BackplaneEvent::Connected);
         }
         Ok(subscription)
     }
@@ -101,8 +105,7 @@ impl Backplane for MemoryBackplane {
             }
             self.inner
                 .subscriptions
-                .send_to(channel, BackplaneEvent::Message(payload))
-                .await;
+                .send_to(channel, BackplaneEvent::Message(payload));
             Ok(())
         })
     }

@@ -64,6 +64,7 @@ impl Action {
 
 /// Why a payload is not a message this node applies.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The payload ends before the field does.
     #[error(

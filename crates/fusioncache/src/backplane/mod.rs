@@ -16,9 +16,14 @@ mod fanout;
 mod memory;
 mod message;
 #[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -51,6 +56,7 @@ pub fn channel_name(channel_prefix: Option<&str>, cache_name: Option<&str>) -> S
 
 /// An error of a backplane transport.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackplaneError {
     /// The channel name cannot be used on this transport (e.g. not a valid NATS subject).
     #[error("invalid backplane channel `{channel}`: {reason}")]
@@ -63,6 +69,9 @@ pub enum BackplaneError {
     /// The transport is not connected; the publish was not sent.
     #[error("backplane not connected")]
     NotConnected,
+    /// A recent publish failed and the circuit breaker is open: the publish was not tried.
+    #[error("backplane circuit breaker is open")]
+    CircuitOpen,
     /// The transport failed (network, protocol, server error).
     #[error("backplane transport error: {0}")]
     Transport(String),
@@ -73,6 +82,7 @@ pub enum BackplaneError {
 
 /// Something a subscription reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BackplaneEvent {
     /// The subscription is (again) active: messages published from now on will arrive.
     Connected,
@@ -89,17 +99,56 @@ pub enum BackplaneEvent {
 #[derive(Debug)]
 pub struct Subscription {
     events: mpsc::Receiver<BackplaneEvent>,
+    lag: Arc<Lag>,
+}
+
+/// What a transport could not deliver to a subscription whose buffer was full.
+#[derive(Debug, Default)]
+pub(crate) struct Lag {
+    /// Something was dropped: the subscriber must treat it as a gap.
+    missed: AtomicBool,
+    /// The last connection event that did not fit, delivered before the next buffered event.
+    state: Mutex<Option<BackplaneEvent>>,
+}
+
+impl Lag {
+    /// Records a dropped event.
+    pub(crate) fn record(&self, event: BackplaneEvent) {
+        if !matches!(event, BackplaneEvent::Message(_)) {
+            *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(event);
+        }
+        self.missed.store(true, Ordering::Release);
+    }
 }
 
 impl Subscription {
     /// A subscription fed by `events`; transports keep the sender.
     pub fn new(events: mpsc::Receiver<BackplaneEvent>) -> Self {
-        Self { events }
+        Self::with_lag(events, Arc::default())
+    }
+
+    pub(crate) fn with_lag(events: mpsc::Receiver<BackplaneEvent>, lag: Arc<Lag>) -> Self {
+        Self { events, lag }
     }
 
     /// The next event, or `None` when the transport is gone.
     pub async fn next(&mut self) -> Option<BackplaneEvent> {
-        self.events.recv().await
+        let missed_state = self
+            .lag
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match missed_state {
+            Some(state) => Some(state),
+            None => self.events.recv().await,
+        }
+    }
+
+    /// Whether events were dropped since the last call because this subscription fell behind (its buffer
+    /// was full): the subscriber may have missed notifications.
+    pub fn take_missed(&self) -> bool {
+        self.lag.missed.load(Ordering::Acquire) && self.lag.missed.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -118,6 +167,22 @@ pub trait Backplane: Send + Sync + 'static {
         channel: &'a str,
         payload: Bytes,
     ) -> BoxFuture<'a, Result<(), BackplaneError>>;
+
+    /// Publishes `payloads` on `channel`, in order, as one batch where the transport can (one pipeline,
+    /// one flush); returns one result per payload. The default publishes them one after the other.
+    fn publish_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        payloads: Vec<Bytes>,
+    ) -> BoxFuture<'a, Vec<Result<(), BackplaneError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(payloads.len());
+            for payload in payloads {
+                results.push(self.publish(channel, payload).await);
+            }
+            results
+        })
+    }
 
     /// Checks a channel name before use; the default accepts any.
     fn validate_channel(&self, channel: &str) -> Result<(), BackplaneError> {

@@ -69,8 +69,8 @@ pub fn validate_subject(subject: &str) -> Result<(), BackplaneError> {
     Ok(())
 }
 
-/// How to connect to NATS.
-#[derive(Debug, Clone)]
+/// How to connect to NATS. `Debug` hides the seed, the token, the password and the URLs' userinfo.
+#[derive(Clone)]
 pub struct NatsOptions {
     /// Server URLs, comma separated (`nats://`, `tls://`; credentials may be inline).
     pub url: String,
@@ -92,6 +92,28 @@ pub struct NatsOptions {
     pub name: Option<String>,
     /// The longest a connection attempt may take (default 2 s).
     pub connection_timeout: Duration,
+}
+
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::redact::{url, REDACTED};
+        let secret = |s: &Option<String>| s.as_ref().map(|_| REDACTED);
+        f.debug_struct("NatsOptions")
+            .field("url", &url(&self.url))
+            .field("credentials_file", &self.credentials_file)
+            .field("nkey_seed", &secret(&self.nkey_seed))
+            .field("token", &secret(&self.token))
+            .field(
+                "user_password",
+                &self.user_password.as_ref().map(|(u, _)| (u, REDACTED)),
+            )
+            .field("tls_required", &self.tls_required)
+            .field("root_certificates", &self.root_certificates)
+            .field("client_certificate", &self.client_certificate)
+            .field("name", &self.name)
+            .field("connection_timeout", &self.connection_timeout)
+            .finish()
+    }
 }
 
 impl NatsOptions {
@@ -341,9 +363,7 @@ async fn greet_ready(subscriptions: &Fanout, ready: &Ready) {
         .cloned()
         .collect();
     for subject in subjects {
-        subscriptions
-            .send_to(&subject, BackplaneEvent::Connected)
-            .await;
+        subscriptions.send_to(&subject, BackplaneEvent::Connected);
     }
 }
 
@@ -375,11 +395,9 @@ async fn forward_connection_events(
             }
             Event::Disconnected | Event::Closed => {
                 tracing::warn!(%event, "nats backplane disconnected");
-                subscriptions
-                    .send_all(BackplaneEvent::Disconnected {
-                        reason: event.to_string(),
-                    })
-                    .await;
+                subscriptions.send_all(BackplaneEvent::Disconnected {
+                    reason: event.to_string(),
+                });
             }
             Event::SlowConsumer(sid) => {
                 // Messages were dropped by the client: this node may have missed notifications.
@@ -387,11 +405,9 @@ async fn forward_connection_events(
                     sid,
                     "nats slow consumer: notifications dropped; marking L1 stale"
                 );
-                subscriptions
-                    .send_all(BackplaneEvent::Disconnected {
-                        reason: event.to_string(),
-                    })
-                    .await;
+                subscriptions.send_all(BackplaneEvent::Disconnected {
+                    reason: event.to_string(),
+                });
                 greet_ready(&subscriptions, &ready).await;
             }
             other => tracing::info!(event = %other, "nats connection event"),
@@ -423,14 +439,10 @@ async fn forward_messages(client: Client, subscriptions: Fanout, ready: Ready, s
         .unwrap_or_else(|e| e.into_inner())
         .insert(subject.clone());
     if client.connection_state() == State::Connected {
-        subscriptions
-            .send_to(&subject, BackplaneEvent::Connected)
-            .await;
+        subscriptions.send_to(&subject, BackplaneEvent::Connected);
     }
     while let Some(message) = subscriber.next().await {
-        subscriptions
-            .send_to(&subject, BackplaneEvent::Message(message.payload))
-            .await;
+        subscriptions.send_to(&subject, BackplaneEvent::Message(message.payload));
     }
 }
 
@@ -452,7 +464,7 @@ impl Backplane for NatsBackplane {
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(channel);
             if ready && self.client.connection_state() == State::Connected {
-                let _ = tx.try_send(BackplaneEvent::Connected);
+                tx.deliver(BackplaneEvent::Connected);
             }
         } else {
             let task = tokio::spawn(forward_messages(

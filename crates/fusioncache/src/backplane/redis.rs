@@ -190,9 +190,7 @@ async fn run_pubsub(
         );
         was_connected = true;
         for channel in &channels {
-            subscriptions
-                .send_to(channel, BackplaneEvent::Connected)
-                .await;
+            subscriptions.send_to(channel, BackplaneEvent::Connected);
         }
         let mut subscribed = channels;
 
@@ -203,7 +201,7 @@ async fn run_pubsub(
                 msg = stream.next() => match msg {
                     Some(msg) => {
                         let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
-                        subscriptions.send_to(msg.get_channel_name(), BackplaneEvent::Message(payload)).await;
+                        subscriptions.send_to(msg.get_channel_name(), BackplaneEvent::Message(payload));
                     }
                     None => break "connection closed".to_string(),
                 },
@@ -211,12 +209,12 @@ async fn run_pubsub(
                     None => return,
                     Some(channel) => {
                         if subscribed.contains(&channel) {
-                            subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
+                            subscriptions.send_to(&channel, BackplaneEvent::Connected);
                             continue;
                         }
                         match sink.subscribe(&channel).await {
                             Ok(()) => {
-                                subscriptions.send_to(&channel, BackplaneEvent::Connected).await;
+                                subscriptions.send_to(&channel, BackplaneEvent::Connected);
                                 subscribed.push(channel);
                             }
                             Err(e) => break e.to_string(),
@@ -236,9 +234,7 @@ async fn run_pubsub(
             }
         };
         tracing::warn!(endpoint = connection.endpoint(), %reason, "redis pub/sub disconnected; reconnecting");
-        subscriptions
-            .send_all(BackplaneEvent::Disconnected { reason })
-            .await;
+        subscriptions.send_all(BackplaneEvent::Disconnected { reason });
     }
 }
 

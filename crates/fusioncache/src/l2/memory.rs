@@ -5,10 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use super::{DistributedCache, L2Error};
 
 /// An in-process [`DistributedCache`]: caches built with clones of one `MemoryDistributedCache` share it,
-/// as nodes share a Redis. [`set_unavailable`](Self::set_unavailable) simulates an outage.
+/// as nodes share a Redis. With the `testing` feature, `set_unavailable` simulates an outage.
 #[derive(Clone, Default)]
 pub struct MemoryDistributedCache {
     inner: Arc<Inner>,
@@ -16,7 +18,7 @@ pub struct MemoryDistributedCache {
 
 #[derive(Default)]
 struct Inner {
-    entries: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
+    entries: Mutex<HashMap<String, (Bytes, Instant)>>,
     unavailable: AtomicBool,
 }
 
@@ -35,6 +37,7 @@ impl MemoryDistributedCache {
     }
 
     /// Makes every operation fail (`true`) or work again (`false`).
+    #[cfg(feature = "testing")]
     pub fn set_unavailable(&self, unavailable: bool) {
         self.inner.unavailable.store(unavailable, Ordering::SeqCst);
     }
@@ -50,7 +53,7 @@ impl MemoryDistributedCache {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Vec<u8>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Bytes, Instant)>> {
         self.inner.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -71,7 +74,7 @@ impl DistributedCache for MemoryDistributedCache {
         self.check()?;
         let mut entries = self.lock();
         match entries.get(key) {
-            Some((v, exp)) if *exp > Instant::now() => Ok(Some(v.clone())),
+            Some((v, exp)) if *exp > Instant::now() => Ok(Some(v.to_vec())),
             Some(_) => {
                 entries.remove(key);
                 Ok(None)
@@ -80,7 +83,7 @@ impl DistributedCache for MemoryDistributedCache {
         }
     }
 
-    async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), L2Error> {
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error> {
         self.check()?;
         let expiry = Instant::now()
             .checked_add(ttl)
@@ -92,12 +95,6 @@ impl DistributedCache for MemoryDistributedCache {
     async fn remove(&self, key: &str) -> Result<(), L2Error> {
         self.check()?;
         self.lock().remove(key);
-        Ok(())
-    }
-
-    async fn clear(&self) -> Result<(), L2Error> {
-        self.check()?;
-        self.lock().clear();
         Ok(())
     }
 }

@@ -12,11 +12,14 @@ pub mod redis;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 pub(crate) use envelope::{unix_ms_now as l2_envelope_now_ms, L2Envelope};
 pub use memory::MemoryDistributedCache;
 
 /// An error of a distributed cache.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum L2Error {
     /// The store could not be reached or answered with an error.
     #[error("distributed cache unavailable: {0}")]
@@ -32,6 +35,9 @@ pub enum L2Error {
     /// The circuit breaker is open after recent errors; L2 is skipped for now.
     #[error("distributed cache circuit breaker is open")]
     CircuitOpen,
+    /// The operation took longer than the hard timeout of the entry options.
+    #[error("distributed cache did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// A byte store with per-entry TTL, shared by every node of a cache.
@@ -42,9 +48,16 @@ pub trait DistributedCache: Send + Sync + 'static {
     /// The bytes stored at `key`, if any and not expired.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, L2Error>;
     /// Stores `value` at `key` for `ttl`.
-    async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), L2Error>;
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error>;
     /// Removes `key`.
     async fn remove(&self, key: &str) -> Result<(), L2Error>;
-    /// Removes every key of this cache (those under its prefix).
-    async fn clear(&self) -> Result<(), L2Error>;
+    /// The bytes stored at each of `keys`, in order (one round trip where the store allows it; the
+    /// default reads them one by one).
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, L2Error> {
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            values.push(self.get(key).await?);
+        }
+        Ok(values)
+    }
 }

@@ -2,11 +2,13 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::{DistributedCache, L2Error};
 use crate::redis::RedisConnection;
 
-/// A [`DistributedCache`] on Redis: `GET`, `SET … PX`, `UNLINK`, in the connection's database, every key
-/// under an optional prefix (`{key_prefix}{key}`).
+/// A [`DistributedCache`] on Redis: `GET`, `MGET`, `SET … PX`, `UNLINK`, in the connection's database,
+/// every key under an optional prefix (`{key_prefix}{key}`).
 ///
 /// ```no_run
 /// use fusioncache::{FusionCache, l2::redis::RedisDistributedCache, redis::RedisConnection};
@@ -32,7 +34,8 @@ impl RedisDistributedCache {
         }
     }
 
-    /// Puts every key under `prefix` (and makes `clear` remove only those).
+    /// Puts every key under `prefix` (several caches or apps can then share one database; see also
+    /// [`purge`](Self::purge)).
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
         self
@@ -47,6 +50,47 @@ impl RedisDistributedCache {
 
     async fn conn(&self) -> Result<redis::aio::ConnectionManager, L2Error> {
         self.connection.manager().await.map_err(unavailable)
+    }
+
+    /// Physically deletes every key under this cache's key prefix (`SCAN MATCH {prefix}*` + `UNLINK`), and
+    /// returns how many. Refuses an empty prefix: without one, the keys of the cache cannot be told from
+    /// anyone else's in the database.
+    ///
+    /// `clear` does not need this (it is a timestamp, O(1)); use it to reclaim memory, e.g. after a
+    /// `clear`. It costs O(keys in the database), and an ACL user provisioned by the operator is not
+    /// allowed `SCAN` (it would reveal other apps' key names).
+    pub async fn purge(&self) -> Result<u64, L2Error> {
+        if self.key_prefix.is_empty() {
+            return Err(L2Error::Unavailable(
+                "refusing to purge without a key prefix: every key of the database would match"
+                    .into(),
+            ));
+        }
+        let mut conn = self.conn().await?;
+        let pattern = format!("{}*", glob_escape(&self.key_prefix));
+        let (mut cursor, mut removed) = (0u64, 0u64);
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if !keys.is_empty() {
+                removed += redis::cmd("UNLINK")
+                    .arg(keys)
+                    .query_async::<u64>(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
     }
 }
 
@@ -77,12 +121,12 @@ impl DistributedCache for RedisDistributedCache {
             .map_err(unavailable)
     }
 
-    async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), L2Error> {
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error> {
         let mut conn = self.conn().await?;
         let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
         redis::cmd("SET")
             .arg(self.key(key))
-            .arg(value)
+            .arg(value.as_ref())
             .arg("PX")
             .arg(ttl_ms)
             .query_async::<()>(&mut conn)
@@ -100,32 +144,16 @@ impl DistributedCache for RedisDistributedCache {
             .map_err(unavailable)
     }
 
-    async fn clear(&self) -> Result<(), L2Error> {
-        let mut conn = self.conn().await?;
-        let pattern = format!("{}*", glob_escape(&self.key_prefix));
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if !keys.is_empty() {
-                redis::cmd("UNLINK")
-                    .arg(keys)
-                    .query_async::<i64>(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, L2Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut conn = self.conn().await?;
+        let mut cmd = redis::cmd("MGET");
+        for key in keys {
+            cmd.arg(self.key(key));
+        }
+        cmd.query_async(&mut conn).await.map_err(unavailable)
     }
 }
 

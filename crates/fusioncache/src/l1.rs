@@ -1,0 +1,300 @@
+//! The L1: this node's in-memory entries (moka), their freshness, and the writes that keep it coherent.
+//!
+//! Reads take the lock-free moka path. Every write goes through moka's per-key compute, so a local write,
+//! a guarded install of a value read from L2 and a notification never interleave on one key.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use std::sync::Arc;
+
+use moka::ops::compute::Op;
+use quanta::Instant;
+
+use crate::tags::{TagState, Tags, Visibility};
+
+/// How long an entry is fresh and how long it stays usable (as a fail-safe fallback) in L1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lifetime {
+    pub fresh_for: Duration,
+    pub usable_for: Duration,
+    /// With eager refresh: when a hit starts refreshing the entry in the background.
+    pub refresh_after: Option<Duration>,
+}
+
+/// The tag states an entry points to (`None`: untagged, the common case, at no cost).
+pub(crate) type EntryTags = Option<Arc<[Arc<TagState>]>>;
+
+/// A value in L1. Stored by value (moka clones it out on a hit, which clones `V` once, as a raw moka get
+/// would); staleness is set by replacing the entry atomically. Expiry is checked here, per entry, rather
+/// than by a moka `Expiry` (which costs every read a second clock check).
+#[derive(Debug, Clone)]
+pub(crate) struct L1Entry<V> {
+    pub value: V,
+    /// The write this value came from (UTC ticks), compared with backplane messages.
+    pub timestamp: i64,
+    /// When the entry was put in L1.
+    pub created_at: Instant,
+    /// Logical expiry.
+    pub fresh_until: Instant,
+    /// How long it may serve, as fresh or as a fail-safe fallback; past it, it counts as missing (moka
+    /// drops it on capacity pressure or at the cache's retention bound).
+    pub usable_until: Instant,
+    /// With eager refresh, when a hit starts a background refresh (else `fresh_until`).
+    pub refresh_at: Instant,
+    /// The stale epoch when it was created: older than the current one means stale.
+    pub epoch: u64,
+    /// Marked expired by `expire` or a notification.
+    pub stale: bool,
+    /// Its tags, checked against their removal timestamps on every read.
+    pub tags: EntryTags,
+}
+
+impl<V> L1Entry<V> {
+    /// Logically fresh: not marked stale, not from before the last mark-all-stale, not past its expiry.
+    #[inline]
+    pub fn is_fresh(&self, now: Instant, current_epoch: u64) -> bool {
+        now < self.fresh_until && self.epoch >= current_epoch && !self.stale
+    }
+
+    /// Still inside its fail-safe window (moka may not have evicted it yet).
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+}
+
+/// What a read found in L1.
+pub(crate) enum L1Lookup<V> {
+    Fresh(V),
+    /// Fresh, and past its eager-refresh point (only from [`L1::lookup_for_refresh`]).
+    FreshDue(V),
+    /// Present but not to be served as fresh: logically expired or marked stale (`expired`), or only
+    /// untrusted while the backplane is down (`!expired`).
+    Stale {
+        entry: L1Entry<V>,
+        expired: bool,
+    },
+    Missing,
+}
+
+/// The L1 of one cache.
+pub(crate) struct L1<V> {
+    cache: moka::sync::Cache<String, L1Entry<V>>,
+    /// Entries created before the current epoch are stale.
+    epoch: AtomicU64,
+    /// A hard cap on every freshness.
+    max_duration: Option<Duration>,
+    /// Clears and tag removals, checked on every read.
+    tags: Tags,
+}
+
+impl<V> L1<V>
+where
+    V: Clone + Send + Sync + 'static,
+{
+    pub fn new(
+        capacity: u64,
+        retention: Duration,
+        max_duration: Option<Duration>,
+        tags: Tags,
+    ) -> Self {
+        Self {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(retention)
+                .build(),
+            epoch: AtomicU64::new(0),
+            max_duration,
+            tags,
+        }
+    }
+
+    /// The clears and tags of this cache.
+    pub fn tags(&self) -> &Tags {
+        &self.tags
+    }
+
+    /// The current stale epoch (tag timestamps are resolved again in each).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Applies the cache's hard cap to a freshness.
+    pub fn cap(&self, fresh_for: Duration) -> Duration {
+        self.max_duration
+            .map_or(fresh_for, |cap| fresh_for.min(cap))
+    }
+
+    /// An entry for `value`, written at `timestamp`, created now in the current epoch.
+    pub fn entry(
+        &self,
+        value: V,
+        timestamp: i64,
+        lifetime: Lifetime,
+        tags: EntryTags,
+    ) -> L1Entry<V> {
+        let now = Instant::now();
+        let fresh_until = now + lifetime.fresh_for;
+        L1Entry {
+            value,
+            timestamp,
+            created_at: now,
+            fresh_until,
+            usable_until: now + lifetime.usable_for,
+            refresh_at: lifetime.refresh_after.map_or(fresh_until, |d| now + d),
+            epoch: self.epoch.load(Ordering::Acquire),
+            stale: false,
+            tags,
+        }
+    }
+
+    /// The entry of `key` as a read sees it. `untrusted_after`: while the backplane is down, entries older
+    /// than this are not served as fresh (`None` when the backplane is up).
+    #[inline]
+    pub fn lookup(
+        &self,
+        key: &str,
+        now: Instant,
+        untrusted_after: Option<Duration>,
+    ) -> L1Lookup<V> {
+        let Some(entry) = self.cache.get(key) else {
+            return L1Lookup::Missing;
+        };
+        self.judge(entry, now, untrusted_after)
+    }
+
+    /// [`lookup`](Self::lookup), telling a fresh entry past its eager-refresh point apart.
+    pub fn lookup_for_refresh(
+        &self,
+        key: &str,
+        now: Instant,
+        untrusted_after: Option<Duration>,
+    ) -> L1Lookup<V> {
+        let Some(entry) = self.cache.get(key) else {
+            return L1Lookup::Missing;
+        };
+        let due = now >= entry.refresh_at;
+        match self.judge(entry, now, untrusted_after) {
+            L1Lookup::Fresh(v) if due => L1Lookup::FreshDue(v),
+            other => other,
+        }
+    }
+
+    #[inline]
+    fn judge(
+        &self,
+        entry: L1Entry<V>,
+        now: Instant,
+        untrusted_after: Option<Duration>,
+    ) -> L1Lookup<V> {
+        if !entry.is_usable(now) {
+            return L1Lookup::Missing;
+        }
+        let expired = match self.tags.visibility(entry.timestamp, entry.tags.as_deref()) {
+            Visibility::Removed => return L1Lookup::Missing,
+            Visibility::Expired => true,
+            Visibility::Visible => !entry.is_fresh(now, self.epoch.load(Ordering::Acquire)),
+        };
+        if expired {
+            return L1Lookup::Stale {
+                entry,
+                expired: true,
+            };
+        }
+        match untrusted_after {
+            Some(age) if now.duration_since(entry.created_at) > age => L1Lookup::Stale {
+                entry,
+                expired: false,
+            },
+            _ => L1Lookup::Fresh(entry.value),
+        }
+    }
+
+    /// A local write: replaces whatever is there.
+    pub fn write(&self, key: &str, entry: L1Entry<V>) {
+        if entry.usable_until <= entry.created_at {
+            return self.remove(key);
+        }
+        self.cache
+            .entry_by_ref(key)
+            .and_compute_with(|_| Op::Put(entry));
+    }
+
+    /// Installs a value read from L2 unless L1 holds a newer write of the key. Returns whether it did.
+    pub fn install(&self, key: &str, entry: L1Entry<V>) -> bool {
+        self.put_if_not_newer(key, entry, false)
+    }
+
+    /// Replaces the entry of `key` with a newer one read from L2, only if an older entry is still there
+    /// (a refresh after a remote *set*: a key removed meanwhile stays removed).
+    pub fn refresh(&self, key: &str, entry: L1Entry<V>) -> bool {
+        self.put_if_not_newer(key, entry, true)
+    }
+
+    fn put_if_not_newer(&self, key: &str, entry: L1Entry<V>, only_existing: bool) -> bool {
+        if entry.usable_until <= entry.created_at {
+            return false;
+        }
+        let mut done = false;
+        self.cache.entry_by_ref(key).and_compute_with(|current| {
+            let put = match current {
+                Some(c) => c.value().timestamp <= entry.timestamp,
+                None => !only_existing,
+            };
+            if put {
+                done = true;
+                Op::Put(entry)
+            } else {
+                Op::Nop
+            }
+        });
+        done
+    }
+
+    /// Marks the entry of `key` stale when `condition` holds for it. Returns whether the entry exists and
+    /// meets the condition (stale now, whether or not it was before).
+    pub fn mark_stale(&self, key: &str, condition: impl FnOnce(&L1Entry<V>) -> bool) -> bool {
+        let mut matched = false;
+        self.cache
+            .entry_by_ref(key)
+            .and_compute_with(|current| match current {
+                Some(e) if condition(e.value()) => {
+                    matched = true;
+                    if e.value().stale {
+                        return Op::Nop;
+                    }
+                    let mut stale = e.into_value();
+                    stale.stale = true;
+                    Op::Put(stale)
+                }
+                _ => Op::Nop,
+            });
+        matched
+    }
+
+    /// Evicts `key`.
+    pub fn remove(&self, key: &str) {
+        self.cache
+            .entry_by_ref(key)
+            .and_compute_with(|current| match current {
+                Some(_) => Op::Remove,
+                None => Op::Nop,
+            });
+    }
+
+    /// Evicts every entry.
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
+    /// Marks every entry stale (O(1): bumps the epoch).
+    pub fn mark_all_stale(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The number of entries (approximate, as moka's).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+}

@@ -1,0 +1,303 @@
+//! Changes: the local step (L1) and the distributed step (L2, then one notification), with what fails
+//! handed to auto-recovery. `set`, `remove`, `expire`, tag removals and clears all end here.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::auto_recovery::RecoveryItem;
+use crate::backplane::{now_ticks, Action};
+use crate::backplane_accessor::Outgoing;
+use crate::cache::Inner;
+use crate::error::Error;
+use crate::events::CacheEvent;
+use crate::guard::Hold;
+use crate::l1::Lifetime;
+use crate::l2::{l2_envelope_now_ms, L2Error};
+use crate::l2_accessor::{timestamp_entry, L2Write};
+use crate::options::EntryOptions;
+use crate::tags::tag_key;
+use crate::telemetry::Counters;
+
+/// A change's distributed part, as it is run (and queued, if it fails).
+struct DistributedOp {
+    action: Action,
+    timestamp: i64,
+    l2_write: Option<L2Write>,
+    publish: bool,
+    background_publish: bool,
+    expires_at_ms: i64,
+    l2_hard_timeout: Option<Duration>,
+}
+
+/// Why a distributed step did not go through (it is queued for auto-recovery either way).
+enum StepError {
+    L2(L2Error),
+    Backplane(crate::backplane::BackplaneError),
+}
+
+impl<V> Inner<V>
+where
+    V: Clone + Send + Sync + 'static,
+{
+    pub(crate) fn lifetime_from_options(&self, options: &EntryOptions) -> Lifetime {
+        let fresh_for = self
+            .l1
+            .cap(options.base_l1_duration().saturating_add(options.jitter()));
+        let usable_for = if options.fail_safe {
+            options.fail_safe_max_duration.max(fresh_for)
+        } else {
+            fresh_for
+        };
+        Lifetime {
+            fresh_for,
+            usable_for,
+            refresh_after: options
+                .eager_refresh_threshold
+                .map(|t| fresh_for.mul_f32(t)),
+        }
+    }
+
+    /// `set` of a key already held for the write at `timestamp`.
+    pub(crate) async fn set_held(
+        this: &Arc<Self>,
+        hold: Hold,
+        value: V,
+        timestamp: i64,
+        options: &EntryOptions,
+    ) -> Result<(), Error> {
+        let key = hold.key().to_string();
+        let l2_write = match &this.l2 {
+            Some(l2) if !options.skip_l2_writes => Some(l2.encode(&value, timestamp, options)?),
+            _ => None,
+        };
+        let lifetime = this.lifetime_from_options(options);
+        let tags = this.l1.tags().states(&options.tags);
+        this.l1
+            .write(&key, this.l1.entry(value, timestamp, lifetime, tags));
+        Counters::incr(&this.telemetry.counters.sets);
+        this.telemetry.emit(|| CacheEvent::Set { key: &key });
+        Self::distribute(this, hold, Action::Set, timestamp, l2_write, options).await
+    }
+
+    /// Records a removal of `tag` now, here and (as the timestamp entry `__fc:t:{tag}` in L2 plus a *set*
+    /// notification on that key) everywhere. The clear markers are tags too.
+    pub(crate) async fn remove_tag(this: &Arc<Self>, tag: &str) -> Result<(), Error> {
+        let timestamp = now_ticks();
+        this.l1.tags().state(tag).removed(timestamp);
+        let key = tag_key(tag);
+        let hold = this.guard.hold(&key, Some(timestamp));
+        let retention = this.options.tag_retention;
+        let options = EntryOptions {
+            duration: retention,
+            fail_safe: false,
+            l1_duration: None,
+            tags: Arc::from([]),
+            skip_l2_reads: false,
+            skip_l2_writes: false,
+            skip_backplane_notifications: false,
+            ..this.default_entry_options.clone()
+        };
+        let write = timestamp_entry(timestamp, retention);
+        Self::distribute(this, hold, Action::Set, timestamp, Some(write), &options).await
+    }
+
+    /// The distributed part of a change already applied to L1: the L2 step, then the notification, each
+    /// awaited or in the background as `options` say, always in that order. What fails is queued for
+    /// auto-recovery; the hold protects the key until the L2 step is done or queued.
+    pub(crate) async fn distribute(
+        this: &Arc<Self>,
+        hold: Hold,
+        action: Action,
+        timestamp: i64,
+        l2_write: Option<L2Write>,
+        options: &EntryOptions,
+    ) -> Result<(), Error> {
+        let l2_write = l2_write.filter(|_| this.l2.is_some() && !options.skip_l2_writes);
+        let publish = this.backplane.is_some() && !options.skip_backplane_notifications;
+        if l2_write.is_none() && !publish {
+            return Ok(());
+        }
+        let op = DistributedOp {
+            action,
+            timestamp,
+            background_publish: options.background_backplane_operations
+                && !options.surface_backplane_errors,
+            l2_write,
+            publish,
+            expires_at_ms: l2_envelope_now_ms()
+                .saturating_add(relevance(options).as_millis() as i64),
+            l2_hard_timeout: options.l2_hard_timeout,
+        };
+        let background = op.l2_write.is_some() && options.background_l2_operations;
+        let soft_timeout = options.l2_soft_timeout.filter(|_| op.l2_write.is_some());
+        let result = if background || soft_timeout.is_some() {
+            let this = Arc::clone(this);
+            let mut task = tokio::spawn(async move { this.run_distributed(hold, op).await });
+            if background {
+                return Ok(());
+            }
+            let soft = soft_timeout.unwrap_or_default();
+            match tokio::time::timeout(soft, &mut task).await {
+                Ok(Ok(result)) => result,
+                // Slower than the soft timeout: it completes (or is queued) in the background.
+                Err(_) => return Ok(()),
+                Ok(Err(_)) => return Ok(()),
+            }
+        } else {
+            this.run_distributed(hold, op).await
+        };
+        match result {
+            Err(StepError::L2(e))
+                if options.surface_l2_errors || options.surface_backplane_errors =>
+            {
+                Err(Error::L2(e))
+            }
+            Err(StepError::Backplane(e)) if options.surface_backplane_errors => {
+                Err(Error::Backplane(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn run_distributed(
+        self: &Arc<Self>,
+        hold: Hold,
+        op: DistributedOp,
+    ) -> Result<(), StepError> {
+        let key = hold.key();
+        if let (Some(write), Some(l2)) = (&op.l2_write, &self.l2) {
+            let written = match op.l2_hard_timeout {
+                Some(limit) => tokio::time::timeout(limit, l2.write(key, write, false))
+                    .await
+                    .unwrap_or(Err(L2Error::Timeout(limit))),
+                None => l2.write(key, write, false).await,
+            };
+            match written {
+                Ok(recovered) => {
+                    if recovered {
+                        self.recovery.kick();
+                    }
+                }
+                Err(error) => {
+                    if matches!(error, L2Error::Timeout(_)) {
+                        l2.record_error(Some(key), &error);
+                    }
+                    let item = RecoveryItem::new(
+                        op.action,
+                        op.timestamp,
+                        op.l2_write,
+                        op.publish,
+                        op.expires_at_ms,
+                    );
+                    self.queue_for_recovery(key, item);
+                    return Err(StepError::L2(error));
+                }
+            }
+        }
+        if op.publish {
+            let key = key.to_string();
+            drop(hold);
+            if op.background_publish {
+                self.publish_in_background(key, &op);
+            } else {
+                return self.publish_or_queue(&key, &op).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a notification to the cache's publisher task, which sends what accumulates as one batch (in
+    /// order: the notifications of one key are never reordered). A full queue goes to auto-recovery.
+    fn publish_in_background(self: &Arc<Self>, key: String, op: &DistributedOp) {
+        let sender = self.publisher.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
+            let task = tokio::spawn(run_publisher(Arc::downgrade(self), rx));
+            self.tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task.abort_handle());
+            tx
+        });
+        let outgoing = Outgoing {
+            key,
+            action: op.action,
+            timestamp: op.timestamp,
+            expires_at_ms: op.expires_at_ms,
+        };
+        if let Err(e) = sender.try_send(outgoing) {
+            let o = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(o)
+                | tokio::sync::mpsc::error::TrySendError::Closed(o) => o,
+            };
+            let item = RecoveryItem::new(o.action, o.timestamp, None, true, o.expires_at_ms);
+            self.queue_for_recovery(&o.key, item);
+        }
+    }
+
+    async fn publish_or_queue(
+        self: &Arc<Self>,
+        key: &str,
+        op: &DistributedOp,
+    ) -> Result<(), StepError> {
+        let Some(bp) = &self.backplane else {
+            return Ok(());
+        };
+        match bp.publish(key, op.action, op.timestamp, false).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                let item = RecoveryItem::new(op.action, op.timestamp, None, true, op.expires_at_ms);
+                self.queue_for_recovery(key, item);
+                Err(StepError::Backplane(error))
+            }
+        }
+    }
+
+    /// Queues `item` and makes sure the auto-recovery task runs.
+    pub(crate) fn queue_for_recovery(self: &Arc<Self>, key: &str, item: RecoveryItem) {
+        self.recovery_started.call_once(|| {
+            let task = tokio::spawn(crate::auto_recovery::run(
+                Arc::clone(&self.recovery),
+                Arc::downgrade(self),
+            ));
+            self.tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task.abort_handle());
+        });
+        self.recovery.push(key, item);
+    }
+}
+
+/// The most notifications waiting for the publisher task; past it they go to auto-recovery.
+const PUBLISH_QUEUE: usize = 65_536;
+/// The most notifications sent as one batch.
+const PUBLISH_BATCH: usize = 512;
+
+/// The publisher task of a cache: sends the notifications queued since the last batch as one batch, and
+/// queues the failed ones for auto-recovery. Ends when the cache is dropped.
+async fn run_publisher<V>(cache: Weak<Inner<V>>, mut rx: tokio::sync::mpsc::Receiver<Outgoing>)
+where
+    V: Clone + Send + Sync + 'static,
+{
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        let Some(inner) = cache.upgrade() else { return };
+        let Some(bp) = &inner.backplane else { return };
+        let results = bp.publish_all(&batch).await;
+        for (o, result) in batch.drain(..).zip(results) {
+            if result.is_err() {
+                let item = RecoveryItem::new(o.action, o.timestamp, None, true, o.expires_at_ms);
+                inner.queue_for_recovery(&o.key, item);
+            }
+        }
+    }
+}
+
+/// How long a change matters: until any copy of the entry it replaces would have expired anyway.
+fn relevance(options: &EntryOptions) -> Duration {
+    if options.fail_safe {
+        options.fail_safe_max_duration.max(options.duration)
+    } else {
+        options.duration
+    }
+}
