@@ -141,6 +141,13 @@ impl Scenario {
         Self::with(redis, &settings, env).await
     }
 
+    /// With a redis-server administered by an ACL user created at run time.
+    async fn with_admin_user(env: &[(&str, &str)]) -> Self {
+        let redis = redis_with_admin();
+        let settings = settings(&redis);
+        Self::with(redis, &settings, env).await
+    }
+
     async fn with(redis: RedisServer, settings: &str, env: &[(&str, &str)]) -> Self {
         let api = ApiServer::start(Some(chart_rbac())).await;
         let mut op = Operator::start(&api, "op", settings, env);
@@ -593,20 +600,15 @@ async fn deleting_the_binding_secret_rotates_the_password_and_the_old_one_works_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_of_the_same_name_is_never_taken_over() {
-    let redis = redis_with_admin();
-    let settings = settings(&redis);
-    let Scenario {
-        api,
-        op: _op,
-        redis: _redis,
-    } = Scenario::with(redis, &settings, &[]).await;
+    let scenario = Scenario::with_admin_user(&[]).await;
+    let api = &scenario.api;
     let theirs = api.create(
         CONFIGMAPS,
         NS,
         json!({ "metadata": { "name": "products-fusioncache" }, "data": { "mine": "1" } }),
     );
     api.create(FUSIONCACHES, NS, fusioncache("products", false));
-    let fc = wait_condition(&api, "products", "False", "ObjectConflict").await;
+    let fc = wait_condition(api, "products", "False", "ObjectConflict").await;
     let message = fc["status"]["conditions"][0]["message"].as_str().unwrap();
     assert!(
         message.contains("ConfigMap `products-fusioncache`"),
@@ -618,28 +620,23 @@ async fn an_object_of_the_same_name_is_never_taken_over() {
 
     // Deleting the FusionCache does not collect it; once the user removes theirs, the operator provisions.
     api.create(FUSIONCACHES, NS, fusioncache("other", false));
-    wait_condition(&api, "other", "True", "Provisioned").await;
+    wait_condition(api, "other", "True", "Provisioned").await;
     api.delete(FUSIONCACHES, NS, "products");
     assert_eq!(
         api.get(CONFIGMAPS, NS, "products-fusioncache").unwrap(),
         theirs
     );
     api.create(FUSIONCACHES, NS, fusioncache("products", false));
-    wait_condition(&api, "products", "False", "ObjectConflict").await;
+    wait_condition(api, "products", "False", "ObjectConflict").await;
     api.delete(CONFIGMAPS, NS, "products-fusioncache");
-    wait_condition(&api, "products", "True", "Provisioned").await;
-    no_request_was_forbidden(&api);
+    wait_condition(api, "products", "True", "Provisioned").await;
+    no_request_was_forbidden(api);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_claim_never_hands_one_database_to_two_apps() {
-    let redis = redis_with_admin();
-    let settings = settings(&redis);
-    let Scenario {
-        api,
-        op: _op,
-        redis: _redis,
-    } = Scenario::with(redis, &settings, &[]).await;
+    let scenario = Scenario::with_admin_user(&[]).await;
+    let api = &scenario.api;
     // The first status writes of `alpha` fail, as a flaky apiserver would make them.
     api.fail_next("patch", "fusioncaches/status", Some("alpha"), 3, 500);
     api.create(FUSIONCACHES, NS, fusioncache("alpha", false));
@@ -652,8 +649,8 @@ async fn a_failed_claim_never_hands_one_database_to_two_apps() {
     })
     .await;
     api.create(FUSIONCACHES, NS, fusioncache("beta", false));
-    let alpha = wait_condition(&api, "alpha", "True", "Provisioned").await;
-    let beta = wait_condition(&api, "beta", "True", "Provisioned").await;
+    let alpha = wait_condition(api, "alpha", "True", "Provisioned").await;
+    let beta = wait_condition(api, "beta", "True", "Provisioned").await;
     assert_ne!(
         alpha["status"]["redisDatabase"],
         beta["status"]["redisDatabase"]
@@ -683,7 +680,7 @@ async fn a_failed_claim_never_hands_one_database_to_two_apps() {
             assert_eq!(sharing.len(), 1, "database {db} handed to {sharing:?}");
         }
     }
-    no_request_was_forbidden(&api);
+    no_request_was_forbidden(api);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
