@@ -4,6 +4,7 @@
 #   make demo BACKPLANE=redis://HOST:PORT              one OS process per node, Redis L2 + pub/sub
 #   make demo BACKPLANE=nats://HOST:PORT [L2=redis://HOST:PORT]   NATS backplane (+ Redis L2)
 #   make test                     installs what tests need, then every check CI runs
+#   make operator-e2e             the operator binary against the API-server double and a real redis-server
 #   make features                 the library alone: no optional feature, then each transport alone
 #   make msrv                     fails when a locked dependency needs a newer Rust than rust-version
 #   make bench                    benchmarks, printed as tables with ratios against raw baselines
@@ -18,13 +19,15 @@ L2 ?=
 COHERENCE_ARGS ?=
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps fmt-check clippy unit features msrv docs chart bench bench-engine bench-redis bench-nats coherence crd install-manifest fuzz
+.PHONY: demo test deps fmt-check clippy unit features msrv docs chart operator-e2e bench bench-engine bench-redis bench-nats coherence crd install-manifest fuzz
 
 demo:
 	$(CARGO) run -q -p fusioncache --example demo -- $(BACKPLANE) $(L2)
 
+# The chart tools too: the operator's namespace-scoped e2e test renders the chart with helm.
 deps:
 	@bash scripts/install-test-deps.sh
+	@bash scripts/install-chart-tools.sh
 
 test: deps fmt-check clippy unit features msrv docs chart
 
@@ -57,10 +60,15 @@ docs:
 chart:
 	bash scripts/chart-check.sh
 
+operator-e2e: deps
+	$(CARGO) test -p fusioncache-operator --test e2e --test acl_redis
+
 bench: bench-engine bench-redis bench-nats
 
+# The engine twice: as most users build it, then with the metrics feature on and no recorder installed.
 bench-engine:
 	$(CARGO) bench -p fusioncache --bench engine
+	$(CARGO) bench -p fusioncache --bench engine --features metrics
 
 # Latency benchmarks pin the server and the bench to different cores (see the README).
 bench-redis:

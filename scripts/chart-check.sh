@@ -111,6 +111,9 @@ cat >"$TMP/full-values.yaml" <<'EOF'
 image:
   digest: sha256:0000000000000000000000000000000000000000000000000000000000000000
 imagePullSecrets: [{name: regcred}]
+replicaCount: 2
+leaderElection: {leaseName: fc-leader, leaseDuration: 20s, renewDeadline: 15s, retryPeriod: 3s}
+controller: {resync: 10m, aclCheckInterval: 5s, passwordGracePeriod: 1h}
 serviceAccount: {annotations: {example.com/role: operator}}
 settings:
   redisEndpoints:
@@ -152,7 +155,9 @@ expect_render_failure() { # name, then helm template arguments that must be refu
 expect_render_failure "unknown top-level key" --set replicas=2
 expect_render_failure "unknown nested key" --set settings.redisEndpoint=x
 expect_render_failure "bad enum image.pullPolicy" --set image.pullPolicy=Sometimes
-expect_render_failure "two replicas (no leader election)" --set replicaCount=2
+expect_render_failure "two replicas without leader election" --set replicaCount=2 --set leaderElection.enabled=false
+expect_render_failure "a bad namespace in watchNamespaces" --set 'watchNamespaces={Shop}'
+expect_render_failure "a bad duration" --set controller.resync=5x
 expect_render_failure "duplicate Redis endpoint names" \
   --set 'settings.redisEndpoints[0].name=a,settings.redisEndpoints[0].url=redis://a:6379' \
   --set 'settings.redisEndpoints[1].name=a,settings.redisEndpoints[1].url=redis://b:6379' \
@@ -177,7 +182,12 @@ render_ok=1
 render_install >"$TMP/install.yaml" 2>"$TMP/render.err" || { render_ok=0; fail "helm template (default values)"; sed 's/^/    /' "$TMP/render.err"; }
 "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --include-crds -f "$TMP/full-values.yaml" \
   >"$TMP/full.yaml" 2>"$TMP/render.err" || { render_ok=0; fail "helm template (every option on)"; sed 's/^/    /' "$TMP/render.err"; }
+"$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --set 'watchNamespaces={shop,billing}' \
+  --set leaderElection.enabled=false >"$TMP/namespaced.yaml" 2>"$TMP/render.err" \
+  || { render_ok=0; fail "helm template (namespace-scoped)"; sed 's/^/    /' "$TMP/render.err"; }
 if [[ $render_ok == 1 ]]; then
+  check "helm template (namespace-scoped, no leader election) | kubernetes-validate --strict -k $K8S_VERSION" \
+    kube_validate "$TMP/namespaced.yaml"
   check "helm template (default values, + Namespace and CRD) | kubernetes-validate --strict -k $K8S_VERSION" \
     kube_validate "$TMP/install.yaml"
   check "helm template (every option on) | kubernetes-validate --strict -k $K8S_VERSION" \
@@ -215,51 +225,109 @@ def load_docs(path):
 
 
 # ---------------------------------------------------------------- policy: RBAC and the Deployment
+# Exactly what the operator uses (the operator's end-to-end tests check its request log against the rendered
+# RBAC): in each watched namespace (cluster-wide by default) ...
 EXPECTED_RULES = {
-    ("fusioncache.io", "fusioncaches"): {"get", "list", "watch", "patch", "update"},
-    ("fusioncache.io", "fusioncaches/status"): {"get", "patch", "update"},
+    ("fusioncache.io", "fusioncaches"): {"list", "watch", "patch"},
+    ("fusioncache.io", "fusioncaches/status"): {"patch"},
     ("fusioncache.io", "fusioncaches/finalizers"): {"update"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("", "secrets"): {"get", "list", "watch", "create", "patch", "update", "delete"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "secrets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("events.k8s.io", "events"): {"create", "patch"},
+}
+# ... and, in the release namespace, its Lease: create, and get/update of that one name only.
+EXPECTED_LEASE_RULES = {
+    ("coordination.k8s.io", "leases", None): {"create"},
+    ("coordination.k8s.io", "leases", "NAME"): {"get", "update"},
 }
 
 
-def policy(render_path, label):
+def rules_of(role, errors, allow_names=False):
+    got = {}
+    for rule in role.get("rules", []):
+        if rule.get("nonResourceURLs") or (rule.get("resourceNames") and not allow_names):
+            errors.append(f"unexpected rule shape in {role['metadata']['name']}: {rule}")
+        names = rule.get("resourceNames") or [None]
+        for g in rule.get("apiGroups", []):
+            for r in rule.get("resources", []):
+                for n in names:
+                    key = (g, r, n) if allow_names else (g, r)
+                    got.setdefault(key, set()).update(rule.get("verbs", []))
+    return got
+
+
+def compare(got, expected, where, errors):
+    for key in sorted(set(got) | set(expected), key=str):
+        want, have = expected.get(key, set()), got.get(key, set())
+        if "*" in have or have != want:
+            errors.append(f"{where}: {key}: verbs {sorted(have)}, expected {sorted(want)}")
+
+
+def policy(render_path, label, watch_namespaces=(), leader_election=True):
     docs = load_docs(render_path)
     by_kind = {}
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
 
-    # The operator's own ClusterRole: the one bound to its ServiceAccount.
     errors = []
-    bindings = by_kind.get("ClusterRoleBinding", [])
-    if len(bindings) != 1:
-        errors.append(f"expected one ClusterRoleBinding, found {len(bindings)}")
+    deps = by_kind.get("Deployment", [])
+    release_ns = deps[0]["metadata"]["namespace"] if deps else None
+    sa = deps[0]["spec"]["template"]["spec"].get("serviceAccountName") if deps else None
+
+    def bound(binding):
+        return any(s.get("kind") == "ServiceAccount" and s.get("name") == sa and s.get("namespace") == release_ns
+                   for s in binding.get("subjects", []))
+
+    crbs = [b for b in by_kind.get("ClusterRoleBinding", []) if bound(b)]
+    rbs = [b for b in by_kind.get("RoleBinding", []) if bound(b)]
+    roles = {(r["metadata"].get("namespace"), r["metadata"]["name"]): r for r in by_kind.get("Role", [])}
+    croles = {r["metadata"]["name"]: r for r in by_kind.get("ClusterRole", [])}
+    if watch_namespaces:
+        if crbs:
+            errors.append(f"namespace-scoped mode binds ClusterRoles: {[b['metadata']['name'] for b in crbs]}")
+        scoped = {}
+        for b in rbs:
+            ns = b["metadata"]["namespace"]
+            role = roles.get((ns, b["roleRef"]["name"]))
+            if role is None or b["roleRef"]["kind"] != "Role":
+                errors.append(f"RoleBinding {ns}/{b['metadata']['name']} binds a missing Role")
+                continue
+            if role["metadata"]["name"].endswith("-leader-election"):
+                continue
+            scoped[ns] = rules_of(role, errors)
+        if set(scoped) != set(watch_namespaces):
+            errors.append(f"operator Roles in {sorted(scoped)}, expected {sorted(watch_namespaces)}")
+        for ns, got in scoped.items():
+            compare(got, EXPECTED_RULES, f"Role in {ns}", errors)
     else:
-        role_name = bindings[0]["roleRef"]["name"]
-        roles = [r for r in by_kind.get("ClusterRole", []) if r["metadata"]["name"] == role_name]
-        if len(roles) != 1:
-            errors.append(f"ClusterRole {role_name} not rendered")
+        if len(crbs) != 1:
+            errors.append(f"expected one ClusterRoleBinding of the operator, found {len(crbs)}")
         else:
-            got = {}
-            for rule in roles[0].get("rules", []):
-                if rule.get("resourceNames") or rule.get("nonResourceURLs"):
-                    errors.append(f"unexpected rule shape: {rule}")
-                for g in rule.get("apiGroups", []):
-                    for r in rule.get("resources", []):
-                        got.setdefault((g, r), set()).update(rule.get("verbs", []))
-            for key in sorted(set(got) | set(EXPECTED_RULES)):
-                want, have = EXPECTED_RULES.get(key, set()), got.get(key, set())
-                if "*" in have or have != want:
-                    errors.append(f"{key[0] or 'core'}/{key[1]}: verbs {sorted(have)}, expected {sorted(want)}")
+            role = croles.get(crbs[0]["roleRef"]["name"])
+            if role is None:
+                errors.append(f"ClusterRole {crbs[0]['roleRef']['name']} not rendered")
+            else:
+                compare(rules_of(role, errors), EXPECTED_RULES, "ClusterRole", errors)
+    lease_bindings = [b for b in rbs if b["roleRef"]["name"].endswith("-leader-election")]
+    if leader_election:
+        if len(lease_bindings) != 1 or lease_bindings[0]["metadata"]["namespace"] != release_ns:
+            errors.append(f"expected one leader-election RoleBinding in {release_ns}, found {len(lease_bindings)}")
+        else:
+            role = roles.get((release_ns, lease_bindings[0]["roleRef"]["name"]))
+            got = rules_of(role, errors, allow_names=True) if role else {}
+            env = {e["name"]: e.get("value") for e in deps[0]["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+            lease = env.get("FUSIONCACHE_OPERATOR_LEASE_NAME")
+            expected = {(g, r, lease if n == "NAME" else n): v for (g, r, n), v in EXPECTED_LEASE_RULES.items()}
+            compare(got, expected, "leader-election Role", errors)
+    elif lease_bindings:
+        errors.append("leader election is off but a leader-election Role is bound")
     for r in by_kind.get("ClusterRole", []):
         labels = r["metadata"].get("labels", {})
         if any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in labels):
             for rule in r.get("rules", []):
                 if rule.get("apiGroups") != ["fusioncache.io"] or "*" in rule.get("verbs", []):
                     errors.append(f"aggregated role {r['metadata']['name']} grants more than FusionCaches: {rule}")
-    report(not errors, f"RBAC is least privilege ({label})", "\n".join(errors))
+    report(not errors, f"RBAC is exactly what the operator uses ({label})", "\n".join(errors))
 
     # The Deployment.
     errors = []
@@ -674,7 +742,9 @@ def docs(crd_path, *paths):
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "policy":
-        policy(sys.argv[2], sys.argv[3])
+        namespaces = [n for n in (sys.argv[4] if len(sys.argv) > 4 else "").split(",") if n]
+        leader = (sys.argv[5] if len(sys.argv) > 5 else "true") == "true"
+        policy(sys.argv[2], sys.argv[3], namespaces, leader)
     elif cmd == "examples":
         examples(sys.argv[2], sys.argv[3])
     elif cmd == "docs":
@@ -695,6 +765,7 @@ run_py() { # counts the PASS/FAIL lines the python side prints
 if [[ $render_ok == 1 ]]; then
   run_py policy "$TMP/install.yaml" "default values"
   run_py policy "$TMP/full.yaml" "every option on"
+  run_py policy "$TMP/namespaced.yaml" "namespace-scoped, no leader election" "shop,billing" false
 fi
 
 # ---- 5. CRD drift ---------------------------------------------------------------------------------------------------

@@ -381,3 +381,73 @@ async fn three_nodes_under_concurrent_reads_and_writes_never_go_back_and_converg
         reads.load(Ordering::Relaxed)
     );
 }
+
+/// L2 and the backplane on one Redis connection: the write and its notification go as one pipeline. When
+/// Redis refuses the write (out of memory) but runs the PUBLISH, the others only re-read what L2 holds
+/// (never a value that is not there), the writer keeps its own value, and once Redis accepts writes
+/// again the queued write is replayed and announced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_in_the_write_and_publish_pipeline_is_replayed() {
+    let server = RedisServer::start().unwrap();
+    let node = || {
+        let redis = RedisConnection::open_with(&server.url(), fast_redis_options()).unwrap();
+        FusionCache::<String>::builder()
+            .name("products")
+            .auto_recovery_delay(Duration::from_millis(300))
+            .default_entry_options(EntryOptions::new().duration(Duration::from_secs(120)))
+            .distributed_cache(RedisDistributedCache::new(redis.clone()))
+            .backplane(RedisBackplane::new(redis))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (node(), node());
+    for n in [&a, &b] {
+        assert!(n.wait_for_backplane(WAIT).await);
+    }
+    a.set("k", s("v1")).await.unwrap();
+    assert_eq!(b.get("k").await, Some(s("v1")));
+    let used = server.command(&["INFO", "memory"]).unwrap();
+    let used: u64 = used
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Below what Redis uses now: every write is refused with OOM, PUBLISH still runs.
+    let limit = (used / 2).to_string();
+    server
+        .command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .unwrap();
+    server
+        .command(&["CONFIG", "SET", "maxmemory", &limit])
+        .unwrap();
+    let publishes = || {
+        let info = server.command(&["INFO", "commandstats"]).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0u64, |n| n.parse().unwrap())
+    };
+    let before = publishes();
+    a.set("k", s("v2")).await.unwrap();
+    assert_eq!(a.pending_recovery(), 1, "queued");
+    assert_eq!(
+        publishes(),
+        before + 1,
+        "the PUBLISH ran in the pipeline of the refused SET"
+    );
+    assert_eq!(a.get("k").await, Some(s("v2")), "a reads its own write");
+    assert!(
+        eventually_async(|| async { b.get("k").await == Some(s("v1")) }).await,
+        "b serves what L2 holds"
+    );
+    server
+        .command(&["CONFIG", "SET", "maxmemory", "0"])
+        .unwrap();
+    assert!(
+        eventually_async(|| async { b.get("k").await == Some(s("v2")) }).await,
+        "replayed and announced"
+    );
+    assert_eq!(a.pending_recovery(), 0);
+}

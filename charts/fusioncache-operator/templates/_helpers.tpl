@@ -99,3 +99,33 @@ defaultRedisEndpoint: {{ . | quote }}
 defaultNatsUrl: {{ . | quote }}
 {{- end }}
 {{- end }}
+
+{{/* The Lease of leader election. */}}
+{{- define "fusioncache-operator.leaseName" -}}
+{{- default (include "fusioncache-operator.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
+{{/*
+The operator's rules, exactly the verbs it uses (the end-to-end tests check the request log against them):
+it watches FusionCaches, writes their status and finalizer (JSON patch), reads the Secrets they refer to,
+checks, applies and (when a resource loses its allocation) deletes the ConfigMap and Secret it renders for
+each (owned by it, so they are garbage-collected with it; `blockOwnerDeletion` needs `update` on
+fusioncaches/finalizers), and records events (`patch` for a repeated one).
+*/}}
+{{- define "fusioncache-operator.rules" -}}
+- apiGroups: ["fusioncache.io"]
+  resources: ["fusioncaches"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["fusioncache.io"]
+  resources: ["fusioncaches/status"]
+  verbs: ["patch"]
+- apiGroups: ["fusioncache.io"]
+  resources: ["fusioncaches/finalizers"]
+  verbs: ["update"]
+- apiGroups: [""]
+  resources: ["configmaps", "secrets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -8,9 +8,12 @@
 //! - a channel prefix is unique per backplane endpoint (Redis endpoint or NATS URL) across the cluster;
 //! - a Redis database is unique per Redis endpoint; `auto` gives the lowest free index and keeps the one a
 //!   resource already holds; an explicit index must be free and below the endpoint's database count;
-//! - the key prefixes of ACL users on one endpoint must not overlap (`~prefix*` would reach the other's keys);
+//! - the key prefixes of the apps on one Redis endpoint must not overlap (one a prefix of the other), ACL or
+//!   not, whatever their databases (an ACL cannot restrict `SELECT`, and `~prefix*` would reach the other's
+//!   keys);
 //! - when two resources claim the same thing (a race, or edits), the older one (creation time, then
-//!   namespace/name) keeps it.
+//!   namespace/name) keeps it; the error says whether the loser held it ([`AllocationError::held`]), so that
+//!   it gives up the objects that use it.
 
 use std::fmt;
 
@@ -78,8 +81,8 @@ pub struct Claim {
     pub redis_endpoint: Option<String>,
     /// Its database.
     pub redis_database: Option<u32>,
-    /// Its key prefix, when it has an ACL user.
-    pub acl_key_prefix: Option<String>,
+    /// The prefix of its Redis keys (on `redis_endpoint`).
+    pub key_prefix: Option<String>,
 }
 
 impl Claim {
@@ -92,7 +95,7 @@ impl Claim {
             channel_prefix: status.channel_prefix,
             redis_endpoint: status.redis_endpoint,
             redis_database: status.redis_database,
-            acl_key_prefix: status.acl_user.and(status.key_prefix),
+            key_prefix: status.key_prefix,
         }
     }
 
@@ -117,6 +120,8 @@ pub enum AllocationError {
         endpoint: String,
         /// The resource holding it.
         other: ResourceKey,
+        /// Whether this resource held it too (and loses it).
+        held: bool,
     },
     /// The requested index is not below the endpoint's database count.
     #[error("Redis database {index} is out of range on endpoint `{endpoint}`: it has {databases} databases (0 to {max})", max = databases.saturating_sub(1))]
@@ -137,6 +142,8 @@ pub enum AllocationError {
         endpoint: String,
         /// The resource holding it.
         other: ResourceKey,
+        /// Whether this resource held it too (and loses it).
+        held: bool,
     },
     /// Every index of the endpoint is taken.
     #[error("no free Redis database on endpoint `{endpoint}`: all {databases} are allocated")]
@@ -145,11 +152,13 @@ pub enum AllocationError {
         endpoint: String,
         /// Its database count.
         databases: u32,
+        /// Whether this resource held a database there that an older resource now holds.
+        held: bool,
     },
-    /// The key prefix overlaps the key prefix of another ACL user on the endpoint.
+    /// The key prefix overlaps the key prefix of another app on the endpoint.
     #[error(
         "key prefix `{prefix}` overlaps the key prefix `{other_prefix}` of FusionCache {other} on endpoint \
-         `{endpoint}`: their ACL users could reach each other's keys; set a different spec.keyPrefix"
+         `{endpoint}`: the apps could read and delete each other's keys; set a different spec.keyPrefix"
     )]
     KeyPrefixOverlap {
         /// The prefix.
@@ -160,6 +169,8 @@ pub enum AllocationError {
         endpoint: String,
         /// The resource holding it.
         other: ResourceKey,
+        /// Whether this resource held it too (and loses it).
+        held: bool,
     },
 }
 
@@ -179,6 +190,18 @@ impl AllocationError {
     /// rather than on other resources that may go away.
     pub fn is_spec_error(&self) -> bool {
         matches!(self, AllocationError::DatabaseOutOfRange { .. })
+    }
+
+    /// Whether this resource held the contested allocation: it lost it to an older resource and must give
+    /// up the objects (ConfigMap, Secret, ACL user) that use it, so that the two apps never share.
+    pub fn held(&self) -> bool {
+        match self {
+            AllocationError::ChannelPrefixClash { held, .. }
+            | AllocationError::DatabaseConflict { held, .. }
+            | AllocationError::NoFreeDatabase { held, .. }
+            | AllocationError::KeyPrefixOverlap { held, .. } => *held,
+            AllocationError::DatabaseOutOfRange { .. } => false,
+        }
     }
 }
 
@@ -248,6 +271,7 @@ impl Allocator {
                 prefix: prefix.to_string(),
                 endpoint: endpoint.to_string(),
                 other: c.key().clone(),
+                held: own_holds,
             }),
             None => Ok(()),
         }
@@ -284,6 +308,7 @@ impl Allocator {
                         index,
                         endpoint: endpoint.to_string(),
                         other: c.key().clone(),
+                        held: own_held == Some(index),
                     }),
                     None => Ok(index),
                 }
@@ -304,20 +329,20 @@ impl Allocator {
                     .ok_or_else(|| AllocationError::NoFreeDatabase {
                         endpoint: endpoint.to_string(),
                         databases,
+                        held: own_held.is_some(),
                     })
             }
         }
     }
 
-    /// Checks that an ACL user's key prefix does not overlap another ACL user's on `endpoint` (one being a
-    /// prefix of the other, or equal).
-    pub fn acl_key_prefix(&self, endpoint: &str, prefix: &str) -> Result<(), AllocationError> {
+    /// Checks that a key prefix does not overlap another app's on `endpoint` (one being a prefix of the
+    /// other, or equal), ACL or not.
+    pub fn key_prefix(&self, endpoint: &str, prefix: &str) -> Result<(), AllocationError> {
         let own_holds = self.own_status.redis_endpoint.as_deref() == Some(endpoint)
-            && self.own_status.acl_user.is_some()
             && self.own_status.key_prefix.as_deref() == Some(prefix);
         let clash = self.others.iter().find(|c| {
             c.redis_endpoint.as_deref() == Some(endpoint)
-                && c.acl_key_prefix
+                && c.key_prefix
                     .as_deref()
                     .is_some_and(|other| other.starts_with(prefix) || prefix.starts_with(other))
                 && self.other_wins(own_holds, c)
@@ -325,9 +350,10 @@ impl Allocator {
         match clash {
             Some(c) => Err(AllocationError::KeyPrefixOverlap {
                 prefix: prefix.to_string(),
-                other_prefix: c.acl_key_prefix.clone().unwrap_or_default(),
+                other_prefix: c.key_prefix.clone().unwrap_or_default(),
                 endpoint: endpoint.to_string(),
                 other: c.key().clone(),
+                held: own_holds,
             }),
             None => Ok(()),
         }
@@ -531,24 +557,51 @@ mod tests {
     }
 
     #[test]
-    fn acl_key_prefixes_must_not_overlap() {
-        let mut other = holding(fc("b", "x", T1), "main", Some("b.x"), None);
+    fn key_prefixes_must_not_overlap_acl_or_not() {
+        // The other app has no ACL user: its keys must still be out of reach.
+        let mut other = holding(fc("b", "x", T1), "main", Some("b.x"), Some(3));
         if let Some(s) = other.status.as_mut() {
-            s.acl_user = Some("fc.b.x".into());
-            s.key_prefix = Some("app:".into());
+            s.key_prefix = Some("product:".into());
         }
         let me = fc("a", "me", T3);
         let all = vec![other];
         let alloc = Allocator::new(&me, &all);
-        assert_eq!(
-            alloc
-                .acl_key_prefix("main", "app:orders:")
-                .unwrap_err()
-                .reason(),
-            "KeyPrefixOverlap"
-        );
-        assert!(alloc.acl_key_prefix("main", "ap").is_err());
-        assert!(alloc.acl_key_prefix("main", "apps:").is_ok());
-        assert!(alloc.acl_key_prefix("elsewhere", "app:").is_ok());
+        let err = alloc.key_prefix("main", "product:").unwrap_err();
+        assert_eq!(err.reason(), "KeyPrefixOverlap");
+        assert!(err.to_string().contains("b/x"), "{err}");
+        assert!(!err.held(), "it never held the prefix");
+        assert!(alloc.key_prefix("main", "product:42:").is_err());
+        assert!(alloc.key_prefix("main", "prod").is_err());
+        assert!(alloc.key_prefix("main", "products:").is_ok());
+        assert!(alloc.key_prefix("elsewhere", "product:").is_ok());
+    }
+
+    #[test]
+    fn the_loser_of_a_double_claim_is_told_it_held_it() {
+        let mut older = holding(fc("b", "old", T1), "main", Some("p"), Some(1));
+        let mut newer = holding(fc("a", "new", T2), "main", Some("p"), Some(1));
+        for f in [&mut older, &mut newer] {
+            f.status.as_mut().unwrap().key_prefix = Some("k:".into());
+        }
+        let all = vec![older.clone(), newer.clone()];
+        let loser = Allocator::new(&newer, &all);
+        assert!(loser.channel_prefix("main", "p").unwrap_err().held());
+        assert!(loser.key_prefix("main", "k:").unwrap_err().held());
+        assert!(loser
+            .database("main", DatabaseChoice::Index(1), 16)
+            .unwrap_err()
+            .held());
+        assert!(loser
+            .database("main", DatabaseChoice::Index(2), 2)
+            .is_err_and(|e| !e.held()));
+        let moved = Allocator::new(&newer, &all).database("main", DatabaseChoice::Auto, 2);
+        assert_eq!(moved, Ok(0), "auto moves to a free database");
+        let third = holding(fc("c", "z", T1), "main", Some("q"), Some(0));
+        let all = vec![older, newer.clone(), third];
+        let err = Allocator::new(&newer, &all)
+            .database("main", DatabaseChoice::Auto, 2)
+            .unwrap_err();
+        assert_eq!(err.reason(), "NoFreeDatabase");
+        assert!(err.held(), "{err}");
     }
 }

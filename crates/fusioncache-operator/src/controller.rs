@@ -1,54 +1,106 @@
 //! The controller: the I/O around [`reconcile::plan`].
 //!
-//! For each FusionCache (and whenever a ConfigMap or Secret it owns changes), inside
-//! [`kube::runtime::finalizer()`]:
-//! - **Apply**: list every FusionCache (fresh from the apiserver: allocations are read from their status),
-//!   read the Secrets the spec refers to, [`plan`](reconcile::plan); then either provision (ACL user, then
-//!   server-side apply of the ConfigMap, the Secret and the status, field manager `fusioncache-operator`) or
-//!   reject (a `Ready=False` status; the objects are left as they were). An event is published when the
-//!   Ready condition changes.
-//! - **Cleanup**: delete the ACL user; the allocations go with the status, the ConfigMap and Secret with
-//!   their owner.
+//! For each FusionCache (and whenever a ConfigMap or Secret it owns changes, or its ACL user went missing):
+//! - the finalizer ([`reconcile::finalizer_step`]) is added only to resources that will have something to
+//!   release (an ACL user), and removed when they no longer do;
+//! - **Apply**: list every FusionCache in scope (fresh from the apiserver: allocations are read from their
+//!   status), read the Secrets the spec refers to and the ConfigMap/Secret of the name the operator writes,
+//!   [`plan`](reconcile::plan); then either provision — first the status that records new allocations (the
+//!   claim), then the ACL user, then server-side apply of the ConfigMap and the Secret (field manager
+//!   `fusioncache-operator`), then the `Ready=True` status — or reject (a `Ready=False` status; a resource
+//!   that lost an allocation to an older one also loses its ConfigMap, Secret and ACL user). An event is
+//!   published when the Ready condition changes. A failure (apiserver or Redis) writes `Ready=False` with
+//!   the reason and the current generation, then is retried with backoff;
+//! - **Cleanup**: delete the ACL user; when Redis cannot be reached, a `Ready=False` `CleanupFailed`
+//!   condition and an event say why and name the escape hatch ([`SKIP_CLEANUP_ANNOTATION`]). The
+//!   allocations go with the status, the ConfigMap and Secret with their owner.
 //!
-//! Invalid specs are not errors: they wait for a change of the spec (or retry slowly when another resource
-//! or a missing Secret is the cause). Errors (apiserver or Redis unreachable) are retried with an exponential
-//! backoff per resource, 5 s doubling up to 5 min. Reconciles run one at a time so that two resources
-//! cannot be given the same allocation.
+//! Reconciles run one at a time (one lock across the controllers of every watched namespace), so two
+//! resources are never handed the same allocation; leader election ([`crate::leader`]) keeps a second
+//! replica from reconciling at the same time.
+//!
+//! A watchdog checks every [`Options::acl_check_interval`] that the ACL users of every endpoint exist
+//! (`ACL USERS`) and reconciles the resources whose user is gone (a Redis restart without persistence).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::acl::{generate_password, AclProvisioner};
-use crate::crd::{FusionCache, FusionCacheStatus, API_VERSION, KIND, READY};
+use crate::crd::{
+    FusionCache, FusionCacheStatus, API_VERSION, KIND, READY, SKIP_CLEANUP_ANNOTATION,
+};
 use crate::metrics::Metrics;
-use crate::reconcile::{self, Inputs, Lookup, Plan, RedisCredentials, MANAGED_BY_LABEL, MANAGER};
+use crate::reconcile::{
+    self, FinalizerStep, Inputs, Lookup, Plan, RedisCredentials, MANAGED_BY_LABEL, MANAGER,
+};
 use crate::server::State;
 use crate::settings::Settings;
 use crate::{Error, Result};
 
 /// The finalizer that keeps a FusionCache until its ACL user is deleted.
 pub const FINALIZER: &str = "fusioncache.io/cleanup";
-/// How often a provisioned resource is checked again without any change (re-applies the ACL user and the
-/// objects, healing drift).
-pub const RESYNC: Duration = Duration::from_secs(300);
-/// How often a resource rejected for a reason outside its spec (a clash, a missing Secret) is retried.
-pub const RETRY_REJECTED: Duration = Duration::from_secs(60);
-/// The first error backoff; it doubles per consecutive error up to [`MAX_BACKOFF`].
-pub const MIN_BACKOFF: Duration = Duration::from_secs(5);
-/// The longest error backoff.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// The reason of the `Ready=False` condition of a resource whose cleanup failed.
+pub const CLEANUP_FAILED: &str = "CleanupFailed";
+
+/// The controller's timings and scope (`run` flags; short values make the end-to-end tests fast).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// How often a provisioned resource is reconciled without any change (heals drift; default 5 min).
+    pub resync: Duration,
+    /// How often a resource rejected for a reason outside its spec (a clash, a missing Secret) is retried
+    /// (default 1 min).
+    pub retry_rejected: Duration,
+    /// The first error backoff; it doubles per consecutive error up to `max_backoff` (default 5 s).
+    pub min_backoff: Duration,
+    /// The longest error backoff (default 5 min).
+    pub max_backoff: Duration,
+    /// How often the ACL users of every endpoint are checked (default 10 s).
+    pub acl_check_interval: Duration,
+    /// How long a previous ACL password stays valid after a rotation (default 10 min).
+    pub password_grace: Duration,
+    /// The namespaces to watch; empty: every namespace.
+    pub namespaces: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            resync: Duration::from_secs(300),
+            retry_rejected: Duration::from_secs(60),
+            min_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(300),
+            acl_check_interval: Duration::from_secs(10),
+            password_grace: Duration::from_secs(600),
+            namespaces: Vec::new(),
+        }
+    }
+}
+
+impl Options {
+    /// The backoff after `failures` consecutive errors: `min_backoff`, doubled per failure, up to
+    /// `max_backoff`.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(16);
+        self.min_backoff
+            .saturating_mul(1 << exp)
+            .min(self.max_backoff)
+    }
+}
 
 /// What the reconciler needs.
 pub struct Context {
@@ -62,8 +114,12 @@ pub struct Context {
     pub acl: Arc<dyn AclProvisioner>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// Timings and scope.
+    pub options: Options,
     /// Consecutive failures per resource (namespace/name), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Held by every reconcile: one at a time across every watched namespace.
+    serial: tokio::sync::Mutex<()>,
 }
 
 impl Context {
@@ -74,6 +130,7 @@ impl Context {
         settings: Arc<Settings>,
         acl: Arc<dyn AclProvisioner>,
         metrics: Arc<Metrics>,
+        options: Options,
     ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -81,7 +138,9 @@ impl Context {
             settings,
             acl,
             metrics,
+            options,
             failures: Mutex::new(HashMap::new()),
+            serial: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -99,49 +158,134 @@ impl Context {
             0
         }
     }
+
+    fn api<K>(&self, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        scoped(self.client.clone(), namespace)
+    }
+}
+
+fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
 }
 
 fn object_key(fc: &FusionCache) -> String {
     format!("{}/{}", fc.namespace().unwrap_or_default(), fc.name_any())
 }
 
-/// The backoff after `failures` consecutive errors: 5 s, 10 s, 20 s, … up to 5 min.
-pub fn backoff(failures: u32) -> Duration {
-    let exp = failures.saturating_sub(1).min(16);
-    MIN_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF)
-}
-
 /// Reconciles one FusionCache.
 pub async fn reconcile(fc: Arc<FusionCache>, ctx: Arc<Context>) -> Result<Action> {
+    let _serial = ctx.serial.lock().await;
     let _measure = ctx.metrics.reconcile.count_and_measure();
     let key = object_key(&fc);
-    let namespace = fc.namespace_required()?;
-    let api: Api<FusionCache> = Api::namespaced(ctx.client.clone(), &namespace);
     debug!(resource = %key, "reconciling");
-    let action = finalizer(&api, FINALIZER, fc, |event| async {
-        match event {
-            Finalizer::Apply(fc) => apply(&fc, &ctx).await,
-            Finalizer::Cleanup(fc) => cleanup(&fc, &ctx).await,
+    let result = match reconcile::finalizer_step(&fc, FINALIZER) {
+        FinalizerStep::Nothing => Ok(Action::await_change()),
+        FinalizerStep::Cleanup { skip } => cleanup(&fc, &ctx, skip).await,
+        FinalizerStep::Apply { add_finalizer } => {
+            let fc = if add_finalizer {
+                Arc::new(self::add_finalizer(&fc, &ctx).await?)
+            } else {
+                fc.clone()
+            };
+            let mut latest = None;
+            match apply(&fc, &ctx, &mut latest).await {
+                Ok(action) => Ok(action),
+                Err(error) => {
+                    // Say it in the status (on top of what the apiserver has, a claim included), for this
+                    // generation; the error is retried with backoff.
+                    let base = latest.unwrap_or_else(|| (*fc).clone());
+                    let status = reconcile::failed_status(
+                        &base,
+                        error.reason(),
+                        error.to_string(),
+                        Timestamp::now(),
+                    );
+                    if let Err(e) = write_status(&base, &ctx, &status).await {
+                        debug!(resource = %key, error = %e, "cannot record the failure in the status");
+                    }
+                    Err(error)
+                }
+            }
         }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))?;
-    ctx.failure_count(&key, false);
-    Ok(action)
+    };
+    if result.is_ok() {
+        ctx.failure_count(&key, false);
+    }
+    result
 }
 
 /// What the controller does after a failed reconcile: count it and retry with backoff.
 pub fn error_policy(fc: Arc<FusionCache>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = object_key(&fc);
     let failures = ctx.failure_count(&key, true);
-    let delay = backoff(failures);
+    let delay = ctx.options.backoff(failures);
     warn!(resource = %key, %error, failures, retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile.set_failure(error);
     Action::requeue(delay)
 }
 
-async fn lookup_secret(api: &Api<Secret>, name: &str) -> Result<Option<Secret>> {
-    api.get_opt(name).await.map_err(Error::Kube)
+fn fc_api(fc: &FusionCache, ctx: &Context) -> Result<Api<FusionCache>> {
+    Ok(Api::namespaced(
+        ctx.client.clone(),
+        &fc.namespace_required()?,
+    ))
+}
+
+async fn add_finalizer(fc: &FusionCache, ctx: &Context) -> Result<FusionCache> {
+    let current = fc.metadata.finalizers.clone();
+    let patch = match &current {
+        None => serde_json::json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": null },
+            { "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] },
+        ]),
+        Some(list) => serde_json::json!([
+            { "op": "test", "path": "/metadata/finalizers", "value": list },
+            { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER },
+        ]),
+    };
+    json_patch(fc, ctx, patch).await
+}
+
+async fn remove_finalizer(fc: &FusionCache, ctx: &Context) -> Result<()> {
+    let Some(i) = fc
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .position(|f| f == FINALIZER)
+    else {
+        return Ok(());
+    };
+    let patch = serde_json::json!([
+        { "op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER },
+        { "op": "remove", "path": format!("/metadata/finalizers/{i}") },
+    ]);
+    json_patch(fc, ctx, patch).await.map(drop)
+}
+
+async fn json_patch(
+    fc: &FusionCache,
+    ctx: &Context,
+    patch: serde_json::Value,
+) -> Result<FusionCache> {
+    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Serialization)?;
+    fc_api(fc, ctx)?
+        .patch(
+            &fc.name_required()?,
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+        .map_err(Error::Kube)
 }
 
 fn secret_value(secret: &Secret, key: &str) -> Option<String> {
@@ -152,87 +296,148 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
         .and_then(|v| String::from_utf8(v.0.clone()).ok())
 }
 
-async fn apply(fc: &FusionCache, ctx: &Context) -> Result<Action> {
+async fn lookup<T>(
+    secrets: &Api<Secret>,
+    name: Option<(&str, String)>,
+    read: impl FnOnce(&Secret, &str) -> Option<T>,
+) -> Result<Lookup<T>> {
+    let Some((name, key)) = name else {
+        return Ok(Lookup::NotReferenced);
+    };
+    Ok(match secrets.get_opt(name).await.map_err(Error::Kube)? {
+        None => Lookup::SecretMissing { name: name.into() },
+        Some(s) => match read(&s, &key) {
+            None => Lookup::KeyMissing {
+                name: name.into(),
+                key,
+            },
+            Some(v) => Lookup::Found(v),
+        },
+    })
+}
+
+/// Every FusionCache in the operator's scope, fresh from the apiserver.
+async fn list_all(ctx: &Context) -> Result<Vec<FusionCache>> {
+    let scopes: Vec<Option<&str>> = if ctx.options.namespaces.is_empty() {
+        vec![None]
+    } else {
+        ctx.options
+            .namespaces
+            .iter()
+            .map(|n| Some(n.as_str()))
+            .collect()
+    };
+    let mut all = Vec::new();
+    for ns in scopes {
+        all.extend(
+            ctx.api::<FusionCache>(ns)
+                .list(&ListParams::default())
+                .await
+                .map_err(Error::Kube)?
+                .items,
+        );
+    }
+    Ok(all)
+}
+
+/// Provisions or rejects `fc`; `latest` is set to the resource as last known (listed, then with the claim
+/// written on the way), so that a failure is recorded on top of it.
+async fn apply(
+    fc: &FusionCache,
+    ctx: &Context,
+    latest: &mut Option<FusionCache>,
+) -> Result<Action> {
     let namespace = fc.namespace_required()?;
     let name = fc.name_required()?;
-    let all = Api::<FusionCache>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::Kube)?
-        .items;
+    let all = list_all(ctx).await?;
+    // Decide from the resource as the apiserver has it now: the watch may not have delivered our own last
+    // status write yet, and a stale status would forget a claim or a retiring password.
+    let fresh = all
+        .iter()
+        .find(|o| o.uid().is_some() && o.uid() == fc.uid());
+    let fc = fresh.unwrap_or(fc);
+    *latest = Some(fc.clone());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let redis_spec = fc.spec.redis.as_ref();
-    let redis_credentials = match redis_spec.and_then(|r| r.credentials_secret_ref.as_ref()) {
-        None => Lookup::NotReferenced,
-        Some(r) => match lookup_secret(&secrets, &r.name).await? {
-            None => Lookup::SecretMissing {
-                name: r.name.clone(),
-            },
-            Some(s) => {
-                let password_key = r.password_key.as_deref().unwrap_or("password");
-                match secret_value(&s, password_key) {
-                    None => Lookup::KeyMissing {
-                        name: r.name.clone(),
-                        key: password_key.to_string(),
-                    },
-                    Some(password) => Lookup::Found(RedisCredentials {
-                        username: secret_value(&s, r.username_key.as_deref().unwrap_or("username"))
-                            .filter(|u| !u.is_empty()),
-                        password,
-                    }),
-                }
-            }
+    let redis_ref = fc
+        .spec
+        .redis
+        .as_ref()
+        .and_then(|r| r.credentials_secret_ref.as_ref());
+    let redis_credentials = lookup(
+        &secrets,
+        redis_ref.map(|r| {
+            (
+                r.name.as_str(),
+                r.password_key.clone().unwrap_or_else(|| "password".into()),
+            )
+        }),
+        |s, password_key| {
+            Some(RedisCredentials {
+                username: secret_value(
+                    s,
+                    redis_ref
+                        .and_then(|r| r.username_key.as_deref())
+                        .unwrap_or("username"),
+                )
+                .filter(|u| !u.is_empty()),
+                password: secret_value(s, password_key)?,
+            })
         },
-    };
-    let nats_credentials = match fc
+    )
+    .await?;
+    let nats_ref = fc
         .spec
         .nats
         .as_ref()
-        .and_then(|n| n.credentials_secret_ref.as_ref())
-    {
-        None => Lookup::NotReferenced,
-        Some(r) => match lookup_secret(&secrets, &r.name).await? {
-            None => Lookup::SecretMissing {
-                name: r.name.clone(),
-            },
-            Some(s) => {
-                let key = r.key.as_deref().unwrap_or(reconcile::NATS_CREDS_ENTRY);
-                match secret_value(&s, key) {
-                    None => Lookup::KeyMissing {
-                        name: r.name.clone(),
-                        key: key.to_string(),
-                    },
-                    Some(creds) => Lookup::Found(creds),
-                }
-            }
-        },
-    };
-    let acl = redis_spec.is_some_and(|r| r.acl);
-    let existing_secret = if acl {
-        lookup_secret(&secrets, &reconcile::object_name(&name)).await?
-    } else {
-        None
-    };
+        .and_then(|n| n.credentials_secret_ref.as_ref());
+    let nats_credentials = lookup(
+        &secrets,
+        nats_ref.map(|r| {
+            (
+                r.name.as_str(),
+                r.key
+                    .clone()
+                    .unwrap_or_else(|| reconcile::NATS_CREDS_ENTRY.into()),
+            )
+        }),
+        secret_value,
+    )
+    .await?;
+    let object = reconcile::object_name(&name);
+    let existing_config_map = config_maps.get_opt(&object).await.map_err(Error::Kube)?;
+    let existing_secret = secrets.get_opt(&object).await.map_err(Error::Kube)?;
+    let acl = fc.spec.redis.as_ref().is_some_and(|r| r.acl);
     let fresh_password = if acl {
         generate_password()?
     } else {
         String::new()
     };
-
+    let now = Timestamp::now();
     let plan = reconcile::plan(&Inputs {
         resource: fc,
         all: &all,
         settings: &ctx.settings,
         redis_credentials,
         nats_credentials,
+        existing_config_map: existing_config_map.as_ref(),
         existing_secret: existing_secret.as_ref(),
         fresh_password,
-        now: Timestamp::now(),
+        password_grace: ctx.options.password_grace,
+        now,
     })?;
 
     match plan {
         Plan::Provision(p) => {
+            // The claim first: once it is in the status, no other resource can be handed it.
+            let mut fc = fc.clone();
+            if let Some(claim) = &p.claim {
+                write_status(&fc, ctx, claim).await?;
+                fc.status = Some(claim.clone());
+                *latest = Some(fc.clone());
+            }
+            let fc = &fc;
             if let Some((endpoint_name, user)) = &p.acl_user {
                 let endpoint = ctx
                     .settings
@@ -241,39 +446,143 @@ async fn apply(fc: &FusionCache, ctx: &Context) -> Result<Action> {
                 ctx.acl.ensure_user(endpoint, user).await?;
             }
             if let Some((endpoint_name, username)) = &p.stale_acl_user {
-                match ctx.settings.endpoint(endpoint_name) {
-                    Some(endpoint) => ctx.acl.delete_user(endpoint, username).await?,
-                    None => warn!(
-                        resource = %object_key(fc), endpoint = %endpoint_name, user = %username,
-                        "the endpoint of a stale ACL user is no longer in the settings; not deleting it"
-                    ),
-                }
+                delete_acl_user(fc, ctx, endpoint_name, username).await?;
             }
+            // Force: the operator owns these objects (plan refused any it did not create), so whatever
+            // another manager changed in them is put back.
             let params = PatchParams::apply(MANAGER).force();
-            let config_map_name = reconcile::object_name(&name);
-            Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
-                .patch(&config_map_name, &params, &Patch::Apply(&p.config_map))
+            config_maps
+                .patch(&object, &params, &Patch::Apply(&p.config_map))
                 .await
                 .map_err(Error::Kube)?;
-            secrets
-                .patch(&config_map_name, &params, &Patch::Apply(&p.secret))
+            match secrets
+                .patch(&object, &params, &Patch::Apply(&p.secret))
                 .await
-                .map_err(Error::Kube)?;
+            {
+                Ok(_) => {}
+                // It changed since it was read (deleted for a rotation, say): decide again from it.
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    debug!(resource = %object_key(fc), "the binding Secret changed meanwhile: again");
+                    return Ok(Action::requeue(Duration::from_millis(50)));
+                }
+                Err(e) => return Err(Error::Kube(e)),
+            }
             write_status(fc, ctx, &p.status).await?;
+            if reconcile::has_finalizer(fc, FINALIZER)
+                && !reconcile::needs_cleanup(&fc.spec, Some(&p.status))
+            {
+                remove_finalizer(fc, ctx).await?;
+            }
             ctx.metrics
                 .reconcile
                 .set_outcome(true, reconcile::PROVISIONED);
-            Ok(Action::requeue(RESYNC))
+            let mut requeue = ctx.options.resync;
+            if let Some(at) = p.next_retirement {
+                let until = at.duration_since(now).unsigned_abs();
+                requeue = requeue.min(until + Duration::from_millis(100));
+            }
+            Ok(Action::requeue(requeue))
         }
         Plan::Reject(r) => {
             info!(resource = %object_key(fc), reason = r.reason, message = %r.message, "not provisioned");
+            if let Some(release) = &r.release {
+                let uid = fc.uid().unwrap_or_default();
+                let mut released = Vec::new();
+                if let Some(cm) =
+                    existing_config_map.filter(|c| reconcile::owned_by(&c.metadata, &uid))
+                {
+                    delete_owned(&config_maps, &cm.name_any()).await?;
+                    released.push(format!("ConfigMap {}", cm.name_any()));
+                }
+                if let Some(s) = existing_secret.filter(|s| reconcile::owned_by(&s.metadata, &uid))
+                {
+                    delete_owned(&secrets, &s.name_any()).await?;
+                    released.push(format!("Secret {}", s.name_any()));
+                }
+                if let Some((endpoint_name, username)) = &release.acl_user {
+                    delete_acl_user(fc, ctx, endpoint_name, username).await?;
+                    released.push(format!("ACL user {username}"));
+                }
+                if !released.is_empty() {
+                    warn!(resource = %object_key(fc), released = %released.join(", "),
+                        "lost an allocation to an older resource: gave up what used it");
+                }
+            }
             write_status(fc, ctx, &r.status).await?;
+            if r.release.is_some() {
+                forget_allocations(fc, ctx).await?;
+            }
             ctx.metrics.reconcile.set_outcome(false, r.reason);
             Ok(if r.spec_error {
                 Action::await_change()
             } else {
-                Action::requeue(RETRY_REJECTED)
+                Action::requeue(ctx.options.retry_rejected)
             })
+        }
+    }
+}
+
+/// Removes the allocation fields from the status even where another field manager set them (a restored
+/// backup, a hand edit): server-side apply only removes what the operator's own manager owns.
+async fn forget_allocations(fc: &FusionCache, ctx: &Context) -> Result<()> {
+    let fields = [
+        "channelPrefix",
+        "channel",
+        "backplaneEndpoint",
+        "redisEndpoint",
+        "redisDatabase",
+        "keyPrefix",
+        "aclUser",
+        "aclPasswordSha256",
+        "retiringPasswords",
+        "configMapName",
+        "secretName",
+        "binding",
+    ];
+    let nulls: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|f| (f.to_string(), serde_json::Value::Null))
+        .collect();
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
+    fc_api(fc, ctx)?
+        .patch_status(
+            &fc.name_required()?,
+            &params,
+            &Patch::Merge(serde_json::json!({ "status": nulls })),
+        )
+        .await
+        .map(drop)
+        .map_err(Error::Kube)
+}
+
+async fn delete_owned<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+async fn delete_acl_user(
+    fc: &FusionCache,
+    ctx: &Context,
+    endpoint_name: &str,
+    username: &str,
+) -> Result<()> {
+    match ctx.settings.endpoint(endpoint_name) {
+        Some(endpoint) => Ok(ctx.acl.delete_user(endpoint, username).await?),
+        None => {
+            warn!(
+                resource = %object_key(fc), endpoint = %endpoint_name, user = %username,
+                "the endpoint of an ACL user is no longer in the settings; not deleting it"
+            );
+            Ok(())
         }
     }
 }
@@ -284,20 +593,19 @@ async fn write_status(fc: &FusionCache, ctx: &Context, status: &FusionCacheStatu
     if &previous == status {
         return Ok(());
     }
-    let namespace = fc.namespace_required()?;
-    let api: Api<FusionCache> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = serde_json::json!({
         "apiVersion": API_VERSION,
         "kind": KIND,
         "status": status,
     });
-    api.patch_status(
-        &fc.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
+    fc_api(fc, ctx)?
+        .patch_status(
+            &fc.name_required()?,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::Kube)?;
 
     let summary = |s: &FusionCacheStatus| {
         s.condition(READY)
@@ -334,20 +642,49 @@ async fn publish(fc: &FusionCache, ctx: &Context, event: Event) {
     }
 }
 
-async fn cleanup(fc: &FusionCache, ctx: &Context) -> Result<Action> {
+async fn cleanup(fc: &FusionCache, ctx: &Context, skip: bool) -> Result<Action> {
     let status = fc.status.clone().unwrap_or_default();
     let mut released = Vec::new();
-    if let (Some(user), Some(endpoint_name)) = (&status.acl_user, &status.redis_endpoint) {
-        match ctx.settings.endpoint(endpoint_name) {
-            Some(endpoint) => {
-                ctx.acl.delete_user(endpoint, user).await?;
-                released.push(format!("deleted ACL user `{user}` on `{endpoint_name}`"));
-            }
-            None => warn!(
-                resource = %object_key(fc), endpoint = %endpoint_name, user = %user,
-                "the endpoint of the ACL user is no longer in the settings; not deleting it"
+    let acl_user = status.acl_user.clone().zip(status.redis_endpoint.clone());
+    if skip {
+        let note = match &acl_user {
+            Some((user, endpoint)) => format!(
+                "{SKIP_CLEANUP_ANNOTATION} is set: ACL user `{user}` on endpoint `{endpoint}` is left in place; \
+                 delete it by hand (ACL DELUSER {user})"
             ),
+            None => format!("{SKIP_CLEANUP_ANNOTATION} is set: nothing was released"),
+        };
+        publish(
+            fc,
+            ctx,
+            Event {
+                type_: EventType::Warning,
+                reason: "CleanupSkipped".into(),
+                note: Some(note),
+                action: "Cleanup".into(),
+                secondary: None,
+            },
+        )
+        .await;
+        remove_finalizer(fc, ctx).await?;
+        return Ok(Action::await_change());
+    }
+    if let Some((user, endpoint_name)) = &acl_user {
+        if let Err(error) = delete_acl_user(fc, ctx, endpoint_name, user).await {
+            let message = format!(
+                "cannot delete ACL user `{user}` on Redis endpoint `{endpoint_name}`: {error}; the deletion \
+                 waits until it can. To finish it without deleting the user: kubectl annotate fusioncache -n {} \
+                 {} {SKIP_CLEANUP_ANNOTATION}=true",
+                fc.namespace().unwrap_or_default(),
+                fc.name_any(),
+            );
+            let failed = reconcile::failed_status(fc, CLEANUP_FAILED, message, Timestamp::now());
+            if let Err(e) = write_status(fc, ctx, &failed).await {
+                debug!(error = %e, "cannot record the cleanup failure in the status");
+            }
+            return Err(error);
         }
+        released.push(format!("deleted ACL user `{user}` on `{endpoint_name}`"));
     }
     if let Some(prefix) = &status.channel_prefix {
         released.push(format!("released channel prefix `{prefix}`"));
@@ -371,12 +708,117 @@ async fn cleanup(fc: &FusionCache, ctx: &Context) -> Result<Action> {
         },
     )
     .await;
+    remove_finalizer(fc, ctx).await?;
     Ok(Action::await_change())
 }
 
-/// Runs the controller until a termination signal; marks `state` ready once the first list of
-/// FusionCaches succeeded.
-pub async fn run(client: Client, settings: Settings, acl: Arc<dyn AclProvisioner>, state: State) {
+/// Marks the process ready once every watched scope's first list of FusionCaches is done.
+///
+/// It is fed by the watch streams themselves (their `InitDone`), not by waiting on a store: kube-runtime
+/// wakes only one waiter of a store, and the controller is one already.
+pub struct Readiness {
+    pending: AtomicUsize,
+    listed: Vec<AtomicBool>,
+    state: State,
+}
+
+impl Readiness {
+    /// Readiness over `scopes` watch streams.
+    pub fn new(scopes: usize, state: State) -> Arc<Self> {
+        Arc::new(Self {
+            pending: AtomicUsize::new(scopes),
+            listed: (0..scopes).map(|_| AtomicBool::new(false)).collect(),
+            state,
+        })
+    }
+
+    /// The first list of scope `i` is done.
+    pub fn listed(&self, i: usize) {
+        if !self.listed[i].swap(true, Ordering::AcqRel)
+            && self.pending.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            info!("first list of FusionCaches done: ready");
+            self.state.set_ready();
+        }
+    }
+}
+
+fn scopes(options: &Options) -> Vec<Option<String>> {
+    if options.namespaces.is_empty() {
+        vec![None]
+    } else {
+        options.namespaces.iter().cloned().map(Some).collect()
+    }
+}
+
+/// The FusionCaches of one scope: a store and the stream that fills it, which marks `readiness` at its
+/// first complete list. After every complete list (the first, and each relist after a `410 Gone`), every
+/// object in the store is sent to `relisted`: objects the relist brought in are announced before they are
+/// in the store, and kube-runtime drops a reconcile of an object it cannot find.
+fn fusioncaches(
+    client: Client,
+    scope: Option<&str>,
+    readiness: Arc<Readiness>,
+    index: usize,
+    relisted: Option<mpsc::UnboundedSender<ObjectRef<FusionCache>>>,
+) -> (
+    Store<FusionCache>,
+    impl Stream<Item = Result<FusionCache, watcher::Error>> + Send + 'static,
+) {
+    let (reader, writer) = reflector::store();
+    let store = reader.clone();
+    let stream = watcher(
+        scoped::<FusionCache>(client, scope),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .inspect(move |event| {
+        if let Ok(watcher::Event::InitDone) = event {
+            readiness.listed(index);
+            if let Some(tx) = &relisted {
+                for fc in store.state() {
+                    let _ = tx.send(ObjectRef::from_obj(fc.as_ref()));
+                }
+            }
+        }
+    })
+    .applied_objects();
+    (reader, stream)
+}
+
+/// Watches FusionCaches without reconciling (a replica that is not the leader): ready once listed.
+pub async fn standby(client: Client, options: Options, state: State) {
+    let scopes = scopes(&options);
+    let readiness = Readiness::new(scopes.len(), state);
+    let streams = scopes.iter().enumerate().map(|(i, scope)| {
+        let (_store, stream) =
+            fusioncaches(client.clone(), scope.as_deref(), readiness.clone(), i, None);
+        stream.boxed()
+    });
+    futures_util::stream::select_all(streams)
+        .for_each(|event| async move {
+            if let Err(error) = event {
+                warn!(%error, "watching FusionCaches");
+            }
+        })
+        .await;
+}
+
+async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Runs the controller until `shutdown` turns true; marks `state` ready once the first list of FusionCaches
+/// of every watched scope is done.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    acl: Arc<dyn AclProvisioner>,
+    state: State,
+    options: Options,
+    shutdown: watch::Receiver<bool>,
+) {
     let reporter = Reporter {
         controller: MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -387,360 +829,163 @@ pub async fn run(client: Client, settings: Settings, acl: Arc<dyn AclProvisioner
         Arc::new(settings),
         acl,
         state.metrics.clone(),
+        options.clone(),
     ));
+    let scopes = scopes(&options);
+    let readiness = Readiness::new(scopes.len(), state);
     let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    let controller = Controller::new(
-        Api::<FusionCache>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-    .owns(Api::<Secret>::all(client), owned)
-    .with_config(controller::Config::default().concurrency(1))
-    .shutdown_on_signal();
-    let store = controller.store();
-    let ready = state.clone();
-    tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            info!("first list of FusionCaches done: ready");
-            ready.set_ready();
-        }
-    });
-    controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _)) => debug!(resource = %object, "reconciled"),
-                // Already logged and counted by error_policy.
-                Err(controller::Error::ReconcilerFailed(error, object)) => {
-                    debug!(resource = %object, %error, "reconcile failed")
-                }
-                // Watch errors (CRD not installed, RBAC, apiserver unreachable): the watcher retries.
-                Err(error) => warn!(%error, "controller error"),
-            }
-        })
-        .await;
+    let mut stores = Vec::new();
+    let mut triggers = Vec::new();
+    let mut runs = Vec::new();
+    for (i, scope) in scopes.iter().enumerate() {
+        let (trigger, triggered) = mpsc::unbounded_channel::<ObjectRef<FusionCache>>();
+        let (store, stream) = fusioncaches(
+            client.clone(),
+            scope.as_deref(),
+            readiness.clone(),
+            i,
+            Some(trigger.clone()),
+        );
+        let triggered = futures_util::stream::unfold(triggered, |mut rx| async move {
+            rx.recv().await.map(|r| (r, rx))
+        });
+        let controller = Controller::for_stream(stream, store.clone())
+            .owns(
+                scoped::<ConfigMap>(client.clone(), scope.as_deref()),
+                owned.clone(),
+            )
+            .owns(
+                scoped::<Secret>(client.clone(), scope.as_deref()),
+                owned.clone(),
+            )
+            .reconcile_on(triggered)
+            .with_config(controller::Config::default().concurrency(1))
+            .graceful_shutdown_on(stopped(shutdown.clone()));
+        stores.push(store);
+        triggers.push(trigger);
+        runs.push(
+            controller
+                .run(reconcile, error_policy, ctx.clone())
+                .for_each(|result| async move {
+                    match result {
+                        Ok((object, _)) => debug!(resource = %object, "reconciled"),
+                        // Already logged and counted by error_policy.
+                        Err(controller::Error::ReconcilerFailed(error, object)) => {
+                            debug!(resource = %object, %error, "reconcile failed")
+                        }
+                        // Watch errors (CRD not installed, RBAC, apiserver unreachable): the watcher retries.
+                        Err(error) => warn!(%error, "controller error"),
+                    }
+                }),
+        );
+    }
+    let watchdog = tokio::spawn(watch_acl_users(ctx.clone(), stores, triggers, shutdown));
+    futures_util::future::join_all(runs).await;
+    watchdog.abort();
     info!("controller stopped");
+}
+
+/// Every `acl_check_interval`, checks that the ACL user of every provisioned resource exists on its endpoint
+/// and has the resource reconciled when it does not.
+async fn watch_acl_users(
+    ctx: Arc<Context>,
+    stores: Vec<Store<FusionCache>>,
+    triggers: Vec<mpsc::UnboundedSender<ObjectRef<FusionCache>>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(ctx.options.acl_check_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = stopped(shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = &mut stop => return,
+        }
+        let mut expected: BTreeMap<String, Vec<(String, ObjectRef<FusionCache>, usize)>> =
+            BTreeMap::new();
+        for (i, store) in stores.iter().enumerate() {
+            for fc in store.state() {
+                if fc.metadata.deletion_timestamp.is_some() {
+                    continue;
+                }
+                let Some(status) = &fc.status else { continue };
+                if let (Some(user), Some(endpoint)) = (&status.acl_user, &status.redis_endpoint) {
+                    expected.entry(endpoint.clone()).or_default().push((
+                        user.clone(),
+                        ObjectRef::from_obj(fc.as_ref()),
+                        i,
+                    ));
+                }
+            }
+        }
+        for (endpoint_name, users) in expected {
+            let Some(endpoint) = ctx.settings.endpoint(&endpoint_name) else {
+                continue;
+            };
+            match ctx.acl.list_users(endpoint).await {
+                Ok(existing) => {
+                    for (user, object, i) in users {
+                        if !existing.contains(&user) {
+                            info!(resource = %object, endpoint = %endpoint_name, %user,
+                                "ACL user missing (Redis restarted?): provisioning it again");
+                            ctx.metrics.acl_users_restored.inc();
+                            let _ = triggers[i].send(object);
+                        }
+                    }
+                }
+                Err(error) => debug!(endpoint = %endpoint_name, %error, "cannot list ACL users"),
+            }
+        }
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{RedisSpec, Transport};
-    use crate::fixtures::{test_settings, Expect, Reply};
-    use crate::reconcile::{BINDING_SECRET_TYPE, PROVISIONED};
-    use fusioncache::config::{env, FusionCacheConfig, CONFIG_FILE_NAME};
-    use http::Method;
-    use serde_json::Value;
 
-    fn redis_spec() -> crate::crd::FusionCacheSpec {
-        crate::crd::FusionCacheSpec {
-            cache_name: "products".into(),
-            transport: Transport::Redis,
-            redis: Some(RedisSpec::default()),
-            nats: None,
-            channel_prefix: None,
-            environment: None,
-            key_prefix: None,
-            distributed_cache: true,
-        }
-    }
-
-    async fn run(fc: &FusionCache, ctx: &Arc<Context>) -> Result<Action> {
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            reconcile(Arc::new(fc.clone()), ctx.clone()),
-        )
-        .await
-        .expect("reconcile finished")
-    }
-
-    fn data(body: &Value) -> &serde_json::Map<String, Value> {
-        body["data"].as_object().expect("data")
-    }
-
-    fn decoded(body: &Value, key: &str) -> String {
-        let b64 = data(body)[key].as_str().unwrap();
-        let bytes: k8s_openapi::ByteString =
-            serde_json::from_value(Value::String(b64.into())).unwrap();
-        String::from_utf8(bytes.0).unwrap()
-    }
-
-    /// The status a resource has after a successful provisioning (what the apiserver would hold).
-    fn provisioned_status(fc: &FusionCache) -> FusionCacheStatus {
-        let settings = test_settings();
-        let plan = reconcile::plan(&Inputs {
-            resource: fc,
-            all: &[],
-            settings: &settings,
-            redis_credentials: Lookup::NotReferenced,
-            nats_credentials: Lookup::NotReferenced,
-            existing_secret: None,
-            fresh_password: String::new(),
-            now: "2024-01-01T00:00:00Z".parse().unwrap(),
-        })
-        .unwrap();
-        match plan {
-            Plan::Provision(p) => p.status,
-            Plan::Reject(r) => panic!("{}", r.message),
-        }
-    }
-
-    #[tokio::test]
-    async fn create_adds_the_finalizer_then_applies_config_map_secret_and_ready_status() {
-        let (ctx, server, acl) = Context::test();
-        let fc = FusionCache::test("products", redis_spec());
-        let finalized = fc.clone().finalized();
-        let script = server.run(vec![
-            Expect::add_finalizer(&fc),
-            Expect::list(std::slice::from_ref(&finalized)),
-            Expect::apply_config_map("products-fusioncache", |body| {
-                assert_eq!(body["kind"], "ConfigMap");
-                assert_eq!(
-                    body["metadata"]["ownerReferences"][0]["kind"],
-                    "FusionCache"
-                );
-                assert_eq!(
-                    body["metadata"]["ownerReferences"][0]["uid"],
-                    "uid-products"
-                );
-                assert_eq!(
-                    body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
-                    "fusioncache-operator"
-                );
-                let data = data(body);
-                assert_eq!(data[env::CHANNEL_PREFIX], "default.products");
-                assert_eq!(data[env::REDIS_DATABASE], "0");
-                let yaml = data[CONFIG_FILE_NAME].as_str().unwrap();
-                let config = FusionCacheConfig::from_yaml(yaml).unwrap();
-                assert_eq!(config.channel().unwrap(), "default.products.Backplane:v2");
-            }),
-            Expect::apply_secret("products-fusioncache", |body| {
-                assert_eq!(body["type"], BINDING_SECRET_TYPE);
-                assert_eq!(decoded(body, "type"), "fusioncache");
-                assert_eq!(decoded(body, "provider"), "fusioncache-operator");
-                assert_eq!(decoded(body, env::REDIS_URL), "redis://redis.cache:6379");
-            }),
-            Expect::apply_status(&finalized, |status| {
-                let ready = status.condition(READY).unwrap();
-                assert_eq!(ready.status, "True");
-                assert_eq!(ready.reason.as_deref(), Some(PROVISIONED));
-                assert_eq!(
-                    status.channel.as_deref(),
-                    Some("default.products.Backplane:v2")
-                );
-                assert_eq!(status.redis_database, Some(0));
-                assert_eq!(
-                    status.binding.as_ref().unwrap().name,
-                    "products-fusioncache"
-                );
-                assert_eq!(status.observed_generation, Some(1));
-            }),
-            Expect::event("Normal", "Provisioned", |note| {
-                assert!(note.contains("default.products.Backplane:v2"), "{note}")
-            }),
-        ]);
-        assert_eq!(run(&fc, &ctx).await.unwrap(), Action::await_change());
-        assert_eq!(
-            run(&finalized, &ctx).await.unwrap(),
-            Action::requeue(RESYNC)
-        );
-        script.await.unwrap();
-        assert!(acl.calls().is_empty());
-    }
-
-    #[tokio::test]
-    async fn spec_change_renders_a_new_config_map_and_keeps_the_database() {
-        let (ctx, server, _) = Context::test();
-        let before = FusionCache::test("products", redis_spec()).finalized();
-        let status = provisioned_status(&before);
-        let mut after = before.clone().with_status(status);
-        after.spec.environment = Some("staging".into());
-        after.metadata.generation = Some(2);
-        let script = server.run(vec![
-            Expect::list(std::slice::from_ref(&after)),
-            Expect::apply_config_map("products-fusioncache", |body| {
-                assert_eq!(data(body)[env::CHANNEL_PREFIX], "default.products.staging");
-            }),
-            Expect::apply_secret("products-fusioncache", |body| {
-                assert_eq!(
-                    decoded(body, env::CHANNEL_PREFIX),
-                    "default.products.staging"
-                );
-            }),
-            Expect::apply_status(&after, |status| {
-                assert_eq!(
-                    status.channel_prefix.as_deref(),
-                    Some("default.products.staging")
-                );
-                assert_eq!(status.redis_database, Some(0));
-                assert_eq!(status.observed_generation, Some(2));
-                let ready = status.condition(READY).unwrap();
-                assert_eq!(
-                    ready.last_transition_time.as_deref(),
-                    Some("2024-01-01T00:00:00Z")
-                );
-            }),
-            Expect::event("Normal", "Provisioned", |note| {
-                assert!(note.contains("staging"), "{note}")
-            }),
-        ]);
-        run(&after, &ctx).await.unwrap();
-        script.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn delete_runs_cleanup_then_removes_the_finalizer() {
-        let (ctx, server, acl) = Context::test();
-        let mut spec = redis_spec();
-        spec.redis.as_mut().unwrap().acl = true;
-        let fc = FusionCache::test("products", spec).finalized();
-        let status = provisioned_status(&fc);
-        assert_eq!(status.acl_user.as_deref(), Some("fc.default.products"));
-        let deleting = fc.with_status(status).needs_delete();
-        let script = server.run(vec![
-            Expect::event("Normal", "Released", |note| {
-                assert!(
-                    note.contains("deleted ACL user `fc.default.products`"),
-                    "{note}"
-                );
-                assert!(note.contains("released Redis database 0"), "{note}");
-            }),
-            Expect::remove_finalizer(&deleting),
-        ]);
-        assert_eq!(run(&deleting, &ctx).await.unwrap(), Action::await_change());
-        script.await.unwrap();
-        assert_eq!(acl.calls(), ["DELUSER main fc.default.products"]);
-    }
-
-    #[tokio::test]
-    async fn prefix_clash_sets_ready_false_naming_the_other_resource() {
-        let (ctx, server, _) = Context::test();
-        let mut other_spec = redis_spec();
-        other_spec.cache_name = "orders".into();
-        other_spec.channel_prefix = Some("default.products".into());
-        other_spec.distributed_cache = false;
-        let other = FusionCache::test("orders", other_spec).finalized();
-        let other = other.clone().with_status(provisioned_status(&other));
-        let fc = FusionCache::test("products", redis_spec()).finalized();
-        let script = server.run(vec![
-            Expect::list(&[other, fc.clone()]),
-            Expect::apply_status(&fc, |status| {
-                let ready = status.condition(READY).unwrap();
-                assert_eq!(ready.status, "False");
-                assert_eq!(ready.reason.as_deref(), Some("ChannelPrefixClash"));
-                assert!(ready.message.as_deref().unwrap().contains("default/orders"));
-                assert_eq!(status.channel_prefix, None, "nothing allocated");
-            }),
-            Expect::event("Warning", "ChannelPrefixClash", |note| {
-                assert!(note.contains("default/orders"), "{note}")
-            }),
-        ]);
-        assert_eq!(
-            run(&fc, &ctx).await.unwrap(),
-            Action::requeue(RETRY_REJECTED)
-        );
-        script.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn invalid_spec_sets_ready_false_with_an_event_and_waits_without_looping() {
-        let (ctx, server, _) = Context::test();
-        let mut spec = redis_spec();
-        spec.redis = None;
-        let fc = FusionCache::test("products", spec).finalized();
-        let rejected = Arc::new(Mutex::new(None));
-        let seen = rejected.clone();
-        let script = server.run(vec![
-            Expect::list(std::slice::from_ref(&fc)),
-            Expect::apply_status(&fc, move |status| {
-                let ready = status.condition(READY).unwrap();
-                assert_eq!(ready.status, "False");
-                assert_eq!(ready.reason.as_deref(), Some("InvalidSpec"));
-                assert!(ready
-                    .message
-                    .as_deref()
-                    .unwrap()
-                    .contains("`redis` section"));
-                *seen.lock().unwrap() = Some(status.clone());
-            }),
-            Expect::event("Warning", "InvalidSpec", |_| {}),
-        ]);
-        assert_eq!(run(&fc, &ctx).await.unwrap(), Action::await_change());
-        script.await.unwrap();
-
-        // The same resource with that status: nothing to write, no event, still waiting for a change.
-        let (ctx, server, _) = Context::test();
-        let fc = fc.with_status(rejected.lock().unwrap().clone().unwrap());
-        let script = server.run(vec![Expect::list(std::slice::from_ref(&fc))]);
-        assert_eq!(run(&fc, &ctx).await.unwrap(), Action::await_change());
-        script.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn acl_resource_gets_a_user_and_its_credentials_in_the_binding() {
-        let (ctx, server, acl) = Context::test();
-        let mut spec = redis_spec();
-        spec.redis.as_mut().unwrap().acl = true;
-        let fc = FusionCache::test("products", spec).finalized();
-        let script = server.run(vec![
-            Expect::list(std::slice::from_ref(&fc)),
-            Expect::secret_not_found("products-fusioncache"),
-            Expect::apply_config_map("products-fusioncache", |body| {
-                let data = data(body);
-                assert!(!data.contains_key(env::REDIS_PASSWORD));
-                assert_eq!(data[env::KEY_PREFIX], "default.products:");
-            }),
-            Expect::apply_secret("products-fusioncache", |body| {
-                assert_eq!(decoded(body, env::REDIS_USERNAME), "fc.default.products");
-                let password = decoded(body, env::REDIS_PASSWORD);
-                assert_eq!(password.len(), 32);
-            }),
-            Expect::apply_status(&fc, |status| {
-                assert_eq!(status.acl_user.as_deref(), Some("fc.default.products"));
-            }),
-            Expect::event("Normal", "Provisioned", |note| {
-                assert!(note.contains("ACL user"), "{note}")
-            }),
-        ]);
-        run(&fc, &ctx).await.unwrap();
-        script.await.unwrap();
-        assert_eq!(acl.calls(), ["SETUSER main fc.default.products"]);
-    }
-
-    #[tokio::test]
-    async fn api_errors_fail_the_reconcile_and_error_policy_backs_off_and_counts() {
-        let (ctx, server, _) = Context::test();
-        let fc = FusionCache::test("products", redis_spec()).finalized();
-        let script = server.run(vec![Expect::new(
-            Method::GET,
-            "/apis/fusioncache.io/v1alpha1/fusioncaches?",
-            |_| {},
-            Reply::NotFound,
-        )]);
-        let err = run(&fc, &ctx).await.unwrap_err();
-        script.await.unwrap();
-        assert_eq!(err.metric_label(), "kube");
-        let fc = Arc::new(fc);
-        assert_eq!(
-            error_policy(fc.clone(), &err, ctx.clone()),
-            Action::requeue(Duration::from_secs(5))
-        );
-        assert_eq!(
-            error_policy(fc, &err, ctx.clone()),
-            Action::requeue(Duration::from_secs(10))
-        );
-        assert!(ctx
-            .metrics
-            .encode()
-            .contains("fusioncache_operator_reconcile_failures_total{error=\"kube\"} 2"));
+    #[test]
+    fn backoff_doubles_from_the_minimum_up_to_the_maximum() {
+        let o = Options::default();
+        assert_eq!(o.backoff(1), Duration::from_secs(5));
+        assert_eq!(o.backoff(2), Duration::from_secs(10));
+        assert_eq!(o.backoff(4), Duration::from_secs(40));
+        assert_eq!(o.backoff(7), Duration::from_secs(300));
+        assert_eq!(o.backoff(u32::MAX), Duration::from_secs(300));
+        let fast = Options {
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(1),
+            ..Options::default()
+        };
+        assert_eq!(fast.backoff(1), Duration::from_millis(200));
+        assert_eq!(fast.backoff(5), Duration::from_secs(1));
     }
 
     #[test]
-    fn backoff_doubles_from_five_seconds_up_to_five_minutes() {
-        assert_eq!(backoff(1), Duration::from_secs(5));
-        assert_eq!(backoff(2), Duration::from_secs(10));
-        assert_eq!(backoff(4), Duration::from_secs(40));
-        assert_eq!(backoff(7), Duration::from_secs(300));
-        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+    fn readiness_waits_for_every_scope_once() {
+        let state = State::default();
+        let r = Readiness::new(2, state.clone());
+        r.listed(0);
+        r.listed(0);
+        assert!(!state.is_ready(), "one scope listed twice is not two");
+        r.listed(1);
+        assert!(state.is_ready());
     }
 }

@@ -402,6 +402,14 @@ pub struct FusionCacheStatus {
     /// The Redis ACL user provisioned for this cache (on `redisEndpoint`), when `redis.acl` is true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acl_user: Option<String>,
+    /// The SHA-256 (hex) of the ACL user's current password, never the password: how the operator notices
+    /// that the binding Secret's password changed (or the Secret was deleted) and starts a rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl_password_sha256: Option<String>,
+    /// Previous ACL passwords that Redis still accepts during a rotation, by SHA-256, each until its
+    /// `retireAfter` (the operator's password grace period after the rotation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring_passwords: Vec<RetiringPassword>,
     /// The ConfigMap holding `fusioncache.yaml` and the `FUSIONCACHE_*` values (no credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map_name: Option<String>,
@@ -442,6 +450,22 @@ impl FusionCacheStatus {
         self.conditions.iter().find(|c| c.type_ == type_)
     }
 }
+
+/// A previous ACL password still accepted until `retireAfter`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiringPassword {
+    /// The SHA-256 (hex) of the password.
+    pub sha256: String,
+    /// When the operator stops accepting it (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
+    pub retire_after: String,
+}
+
+/// Set to `"true"` on a FusionCache being deleted whose cleanup cannot finish (its Redis endpoint is gone or
+/// unreachable): the operator then removes its finalizer without deleting the ACL user, and says so in an
+/// event.
+pub const SKIP_CLEANUP_ANNOTATION: &str = "fusioncache.io/skip-cleanup";
 
 /// A Service Binding reference (`.status.binding` of a provisioned service).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

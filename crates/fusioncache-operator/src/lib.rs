@@ -13,6 +13,7 @@
 //! - [`allocation`] and [`reconcile`]: the pure decisions (spec + observed state → desired objects and status);
 //! - [`acl`]: Redis ACL users;
 //! - [`controller`]: the I/O around the pure parts (watch, finalizer, server-side apply, events, backoff);
+//! - [`leader`]: leader election with a Lease, so that several replicas can run;
 //! - [`metrics`], [`telemetry`] and [`server`]: Prometheus metrics, logs, and `/healthz` `/readyz` `/metrics`.
 
 #![warn(missing_docs)]
@@ -21,14 +22,12 @@ pub mod acl;
 pub mod allocation;
 pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod server;
 pub mod settings;
 pub mod telemetry;
-
-#[cfg(test)]
-mod fixtures;
 
 /// An error of the operator. Invalid specs are not errors (they become a `Ready=False` status); these are
 /// failures to talk to the apiserver or to Redis, which the controller retries with backoff.
@@ -37,11 +36,6 @@ pub enum Error {
     /// A Kubernetes API call failed.
     #[error("Kubernetes API error: {0}")]
     Kube(#[source] kube::Error),
-
-    /// The finalizer wrapper failed, or the reconcile inside it did.
-    // Boxed: the finalizer error embeds this type.
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 
     /// Creating or deleting a Redis ACL user failed.
     #[error("Redis ACL: {0}")]
@@ -66,20 +60,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A short stable name of the error, for the `error` label of the failure metric.
     pub fn metric_label(&self) -> &'static str {
-        use kube::runtime::finalizer::Error as F;
         match self {
             Error::Kube(_) => "kube",
-            Error::Finalizer(e) => match e.as_ref() {
-                F::ApplyFailed(inner) | F::CleanupFailed(inner) => inner.metric_label(),
-                F::AddFinalizer(_) => "add_finalizer",
-                F::RemoveFinalizer(_) => "remove_finalizer",
-                F::UnnamedObject => "unnamed_object",
-                F::InvalidFinalizer => "invalid_finalizer",
-            },
             Error::Acl(_) => "acl",
             Error::Settings(_) => "settings",
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::Serialization(_) => "serialization",
+        }
+    }
+
+    /// The reason of the `Ready=False` condition a failed reconcile writes.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Acl(_) => "AclProvisioningFailed",
+            Error::Kube(_) => "KubernetesApiError",
+            Error::Settings(_) => "InvalidSettings",
+            Error::MissingObjectKey(_) | Error::Serialization(_) => "ReconcileFailed",
         }
     }
 }
@@ -89,13 +85,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metric_labels_see_through_the_finalizer() {
-        let inner = Error::MissingObjectKey("metadata.uid");
-        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
-            inner,
-        )));
-        assert_eq!(wrapped.metric_label(), "missing_object_key");
+    fn metric_labels_and_reasons_name_the_failure() {
         let acl = Error::Acl(acl::AclError::Random("x".into()));
         assert_eq!(acl.metric_label(), "acl");
+        assert_eq!(acl.reason(), "AclProvisioningFailed");
+        let missing = Error::MissingObjectKey("metadata.uid");
+        assert_eq!(missing.metric_label(), "missing_object_key");
+        assert_eq!(missing.reason(), "ReconcileFailed");
     }
 }

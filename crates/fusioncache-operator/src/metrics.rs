@@ -19,15 +19,33 @@ pub struct Metrics {
     pub registry: Arc<Registry>,
     /// Reconcile metrics.
     pub reconcile: ReconcileMetrics,
+    /// 1 while this replica holds the leader Lease (or runs without leader election).
+    pub leader: Gauge,
+    /// ACL users found missing on their endpoint (a Redis restart) and provisioned again.
+    pub acl_users_restored: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("fusioncache_operator");
         let reconcile = ReconcileMetrics::default().register(&mut registry);
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "Whether this replica holds the leader Lease and reconciles (else it stands by)",
+            leader.clone(),
+        );
+        let acl_users_restored = Counter::default();
+        registry.register(
+            "acl_users_restored",
+            "ACL users found missing on their endpoint and provisioned again",
+            acl_users_restored.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             reconcile,
+            leader,
+            acl_users_restored,
         }
     }
 }

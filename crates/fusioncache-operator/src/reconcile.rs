@@ -23,14 +23,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
 
-use crate::acl::{username_for, AclUser};
+use crate::acl::{password_sha256, username_for, AclUser};
 use crate::allocation::{default_channel_prefix, AllocationError, Allocator, DatabaseChoice};
 use crate::crd::{
     Binding, Condition, DatabaseRequest, FusionCache, FusionCacheSpec, FusionCacheStatus,
-    Transport, API_VERSION, KIND, READY,
+    RetiringPassword, Transport, API_VERSION, KIND, READY,
 };
 use crate::settings::{
-    check_nats_url, check_redis_url, is_endpoint_name, RedisEndpoint, Settings, DEFAULT_DATABASES,
+    canonical_redis_url, check_nats_url, check_redis_url, is_endpoint_name, RedisEndpoint,
+    Settings, DEFAULT_DATABASES,
 };
 use crate::{Error, Result};
 
@@ -46,6 +47,11 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const CACHE_LABEL: &str = "fusioncache.io/name";
 /// The `Ready=True` reason.
 pub const PROVISIONED: &str = "Provisioned";
+/// The `Ready=False` reason when a ConfigMap or Secret of the name the operator writes exists and is not
+/// the operator's (it is never taken over).
+pub const OBJECT_CONFLICT: &str = "ObjectConflict";
+/// How many previous ACL passwords a rotation keeps valid at once.
+pub const MAX_RETIRING_PASSWORDS: usize = 3;
 /// The suffix of the ConfigMap and Secret names.
 pub const OBJECT_SUFFIX: &str = "-fusioncache";
 
@@ -95,7 +101,7 @@ pub enum Lookup<T> {
 }
 
 /// Everything the reconciler decides from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Inputs<'a> {
     /// The resource.
     pub resource: &'a FusionCache,
@@ -107,12 +113,55 @@ pub struct Inputs<'a> {
     pub redis_credentials: Lookup<RedisCredentials>,
     /// The `.creds` file of `spec.nats.credentialsSecretRef`.
     pub nats_credentials: Lookup<String>,
-    /// The binding Secret as it is now, if it exists (its ACL password is kept).
+    /// The ConfigMap of the name the operator writes, as it is now, if it exists.
+    pub existing_config_map: Option<&'a ConfigMap>,
+    /// The Secret of the name the operator writes, as it is now, if it exists (its ACL password is kept).
     pub existing_secret: Option<&'a Secret>,
     /// A new password, used when the resource gets an ACL user and has none yet.
     pub fresh_password: String,
+    /// How long a previous ACL password stays valid after a rotation.
+    pub password_grace: std::time::Duration,
     /// The time for a condition that changes now.
     pub now: Timestamp,
+}
+
+impl std::fmt::Debug for Inputs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = |m: &ObjectMeta| m.name.clone();
+        f.debug_struct("Inputs")
+            .field("resource", &self.resource)
+            .field("all", &self.all.len())
+            .field("settings", &self.settings)
+            .field("redis_credentials", &self.redis_credentials)
+            .field(
+                "nats_credentials",
+                &self.nats_credentials.clone().map(|_| "<redacted>"),
+            )
+            .field(
+                "existing_config_map",
+                &self.existing_config_map.map(|c| name(&c.metadata)),
+            )
+            .field(
+                "existing_secret",
+                &self.existing_secret.map(|s| name(&s.metadata)),
+            )
+            .field("fresh_password", &"<redacted>")
+            .field("password_grace", &self.password_grace)
+            .field("now", &self.now)
+            .finish()
+    }
+}
+
+impl<T> Lookup<T> {
+    /// The same lookup with the value mapped.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Lookup<U> {
+        match self {
+            Lookup::NotReferenced => Lookup::NotReferenced,
+            Lookup::Found(v) => Lookup::Found(f(v)),
+            Lookup::SecretMissing { name } => Lookup::SecretMissing { name },
+            Lookup::KeyMissing { name, key } => Lookup::KeyMissing { name, key },
+        }
+    }
 }
 
 /// The decision for one resource.
@@ -125,8 +174,11 @@ pub enum Plan {
 }
 
 /// What a valid FusionCache gets.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Provision {
+    /// The status recording the allocations, to write before anything that uses them, when they are new
+    /// (so that no other resource can be handed them meanwhile).
+    pub claim: Option<FusionCacheStatus>,
     /// The ConfigMap to apply.
     pub config_map: ConfigMap,
     /// The binding Secret to apply.
@@ -140,6 +192,32 @@ pub struct Provision {
     pub stale_acl_user: Option<(String, String)>,
     /// The full configuration, credentials included (what the Secret holds).
     pub config: FusionCacheConfig,
+    /// When the next retiring password expires (the resource must be reconciled then to drop it).
+    pub next_retirement: Option<Timestamp>,
+}
+
+impl std::fmt::Debug for Provision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provision")
+            .field("claim", &self.claim)
+            .field("config_map", &self.config_map.metadata.name)
+            .field(
+                "secret",
+                &(
+                    &self.secret.metadata.name,
+                    self.secret
+                        .data
+                        .as_ref()
+                        .map(|d| d.keys().collect::<Vec<_>>()),
+                ),
+            )
+            .field("status", &self.status)
+            .field("acl_user", &self.acl_user)
+            .field("stale_acl_user", &self.stale_acl_user)
+            .field("config", &"<redacted: holds credentials>")
+            .field("next_retirement", &self.next_retirement)
+            .finish()
+    }
 }
 
 /// Why a FusionCache is not provisioned.
@@ -153,8 +231,18 @@ pub struct Rejection {
     /// instead of retrying).
     pub spec_error: bool,
     /// The status to apply: the previous allocations (still used by the running application) and the
-    /// `Ready=False` condition.
+    /// `Ready=False` condition; without them when the resource lost them ([`Rejection::release`]).
     pub status: FusionCacheStatus,
+    /// The resource lost an allocation it held to an older resource: its ConfigMap and Secret must be
+    /// deleted and its ACL user (`(endpoint, username)`, if any) too, so that the two apps never share.
+    pub release: Option<Release>,
+}
+
+/// What a resource that lost its allocations gives up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// Its ACL user, `(endpoint, username)`.
+    pub acl_user: Option<(String, String)>,
 }
 
 /// A rejection before the status is known.
@@ -162,6 +250,8 @@ struct Reject {
     reason: &'static str,
     message: String,
     spec_error: bool,
+    /// The resource held what it lost.
+    release: bool,
 }
 
 impl Reject {
@@ -170,6 +260,7 @@ impl Reject {
             reason,
             message: message.into(),
             spec_error: true,
+            release: false,
         }
     }
     fn waiting(reason: &'static str, message: impl Into<String>) -> Self {
@@ -177,6 +268,7 @@ impl Reject {
             reason,
             message: message.into(),
             spec_error: false,
+            release: false,
         }
     }
 }
@@ -186,6 +278,7 @@ impl From<AllocationError> for Reject {
         Reject {
             reason: e.reason(),
             spec_error: e.is_spec_error(),
+            release: e.held(),
             message: e.to_string(),
         }
     }
@@ -195,27 +288,27 @@ impl From<AllocationError> for Reject {
 enum RedisTarget<'a> {
     /// An endpoint from the operator settings.
     Managed(&'a RedisEndpoint),
-    /// A URL the operator does not manage.
-    External(String),
+    /// A URL the operator does not manage, and its canonical form (what its allocations are keyed by).
+    External(String, String),
 }
 
 impl RedisTarget<'_> {
     fn key(&self) -> String {
         match self {
             RedisTarget::Managed(e) => e.name.clone(),
-            RedisTarget::External(url) => url.clone(),
+            RedisTarget::External(_, canonical) => canonical.clone(),
         }
     }
     fn url(&self) -> &str {
         match self {
             RedisTarget::Managed(e) => &e.url,
-            RedisTarget::External(url) => url,
+            RedisTarget::External(url, _) => url,
         }
     }
     fn databases(&self) -> u32 {
         match self {
             RedisTarget::Managed(e) => e.databases,
-            RedisTarget::External(_) => DEFAULT_DATABASES,
+            RedisTarget::External(..) => DEFAULT_DATABASES,
         }
     }
 }
@@ -246,10 +339,28 @@ pub fn plan(inputs: &Inputs<'_>) -> Result<Plan> {
                 generation,
                 inputs.now,
             )];
+            p.claim =
+                (allocations(&previous) != allocations(&p.status)).then(|| FusionCacheStatus {
+                    conditions: previous.conditions.clone(),
+                    observed_generation: previous.observed_generation,
+                    ..p.status.clone()
+                });
             Ok(Plan::Provision(Box::new(p)))
         }
         Err(r) => {
             let mut status = previous.clone();
+            let release = r.release.then(|| {
+                let acl_user = previous
+                    .acl_user
+                    .clone()
+                    .zip(previous.redis_endpoint.clone())
+                    .map(|(user, endpoint)| (endpoint, user));
+                status = FusionCacheStatus {
+                    conditions: previous.conditions.clone(),
+                    ..FusionCacheStatus::default()
+                };
+                Release { acl_user }
+            });
             status.observed_generation = generation;
             status.conditions.retain(|c| c.type_ != READY);
             status.conditions.push(ready_condition(
@@ -265,9 +376,102 @@ pub fn plan(inputs: &Inputs<'_>) -> Result<Plan> {
                 message: r.message,
                 spec_error: r.spec_error,
                 status,
+                release,
             })))
         }
     }
+}
+
+/// What the controller does with the finalizer of a resource, and whether it applies or cleans up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalizerStep {
+    /// Provision; add the finalizer first when the resource will need a cleanup (an ACL user), remove it
+    /// afterwards when it no longer does.
+    Apply {
+        /// Add the finalizer before provisioning.
+        add_finalizer: bool,
+    },
+    /// The resource is being deleted and has the finalizer: release, then remove the finalizer. With
+    /// `skip`, the escape hatch annotation is set: remove the finalizer without touching Redis.
+    Cleanup {
+        /// [`crate::crd::SKIP_CLEANUP_ANNOTATION`] is `"true"`.
+        skip: bool,
+    },
+    /// Being deleted without the finalizer: nothing to do (the apiserver deletes it).
+    Nothing,
+}
+
+/// Whether a resource with this spec and status needs a cleanup on deletion: it asks for an ACL user or
+/// still has one.
+pub fn needs_cleanup(spec: &FusionCacheSpec, status: Option<&FusionCacheStatus>) -> bool {
+    spec.redis.as_ref().is_some_and(|r| r.acl) || status.is_some_and(|s| s.acl_user.is_some())
+}
+
+/// Whether the resource carries `finalizer`.
+pub fn has_finalizer(fc: &FusionCache, finalizer: &str) -> bool {
+    fc.metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == finalizer)
+}
+
+/// The finalizer step for `fc` (the finalizer is only added to resources that have something to release).
+pub fn finalizer_step(fc: &FusionCache, finalizer: &str) -> FinalizerStep {
+    let has = has_finalizer(fc, finalizer);
+    if fc.metadata.deletion_timestamp.is_some() {
+        return if has {
+            FinalizerStep::Cleanup {
+                skip: fc
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(crate::crd::SKIP_CLEANUP_ANNOTATION))
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
+            }
+        } else {
+            FinalizerStep::Nothing
+        };
+    }
+    FinalizerStep::Apply {
+        add_finalizer: !has && needs_cleanup(&fc.spec, fc.status.as_ref()),
+    }
+}
+
+/// What a status claims: everything but the conditions and the observed generation.
+fn allocations(status: &FusionCacheStatus) -> FusionCacheStatus {
+    FusionCacheStatus {
+        conditions: Vec::new(),
+        observed_generation: None,
+        ..status.clone()
+    }
+}
+
+/// The status after a failed reconcile: what was there, with `Ready=False`, `reason` and `message`, for the
+/// current generation (so that an old `Ready=True` never stands for a spec that could not be provisioned).
+pub fn failed_status(
+    fc: &FusionCache,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+) -> FusionCacheStatus {
+    let previous = fc.status.clone().unwrap_or_default();
+    let generation = fc.metadata.generation;
+    let mut status = previous.clone();
+    status.observed_generation = generation;
+    status.conditions.retain(|c| c.type_ != READY);
+    status.conditions.push(ready_condition(
+        &previous, false, reason, message, generation, now,
+    ));
+    status
+}
+
+/// Whether `meta` (an existing ConfigMap or Secret) is owned by the FusionCache with this uid.
+pub fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.uid == uid && r.kind == KIND)
 }
 
 fn provisioned_message(status: &FusionCacheStatus) -> String {
@@ -356,9 +560,11 @@ fn provision(
                 )
             })?)
         } else if let Some(url) = &r.url {
-            match settings.endpoint_by_url(url) {
+            match settings.endpoint_by_url(url, namespace) {
                 Some(e) => RedisTarget::Managed(e),
-                None => RedisTarget::External(url.clone()),
+                None => {
+                    RedisTarget::External(url.clone(), canonical_redis_url(url, Some(namespace)))
+                }
             }
         } else {
             RedisTarget::Managed(settings.default_endpoint().ok_or_else(|| {
@@ -382,7 +588,7 @@ fn provision(
     }
     let acl_endpoint = match (&redis_target, acl) {
         (Some(RedisTarget::Managed(e)), true) => Some(*e),
-        (Some(RedisTarget::External(_)), true) => {
+        (Some(RedisTarget::External(..)), true) => {
             return Err(Reject::spec(
                 "InvalidSpec",
                 "`redis.acl: true` needs an endpoint from the operator settings (`redis.endpoint`), not a `url`",
@@ -438,12 +644,37 @@ fn provision(
         }
         _ => None,
     };
-    let key_prefix = spec
-        .key_prefix
-        .clone()
-        .or_else(|| acl.then(|| format!("{channel_prefix}:")));
-    if let (Some(endpoint), Some(kp)) = (acl_endpoint, &key_prefix) {
-        allocator.acl_key_prefix(&endpoint.name, kp)?;
+    // Every app on a Redis endpoint gets a key prefix, and no two overlap there (ACL or not).
+    let key_prefix = redis_target.as_ref().map(|_| {
+        spec.key_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{channel_prefix}:"))
+    });
+    if let (Some(target), Some(kp)) = (&redis_target, &key_prefix) {
+        allocator.key_prefix(&target.key(), kp)?;
+    }
+
+    // Never take over an object the operator did not create for this resource.
+    let object = object_name(name);
+    for (kind, meta) in [
+        ("ConfigMap", inputs.existing_config_map.map(|c| &c.metadata)),
+        ("Secret", inputs.existing_secret.map(|s| &s.metadata)),
+    ] {
+        if let Some(meta) = meta.filter(|m| !owned_by(m, uid)) {
+            return Err(Reject::waiting(
+                OBJECT_CONFLICT,
+                format!(
+                    "{kind} `{object}` already exists and was not created by the operator for this FusionCache: \
+                     the operator does not take it over; delete or rename it{}",
+                    meta.owner_references
+                        .iter()
+                        .flatten()
+                        .next()
+                        .map(|r| format!(" (it belongs to {} `{}`)", r.kind, r.name))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
     }
 
     // Credentials.
@@ -457,20 +688,25 @@ fn provision(
         (Some(_), Lookup::Found(c)) => Some(c.clone()),
         (Some(_), missing) => return Err(missing_secret(missing, "nats.credentialsSecretRef")),
     };
+    let previous = fc.status.clone().unwrap_or_default();
+    let mut retiring = Vec::new();
     let acl_user = acl_endpoint.map(|endpoint| {
         let username = username_for(namespace, name);
         let password = existing_acl_password(inputs.existing_secret, &username)
             .unwrap_or_else(|| inputs.fresh_password.clone());
+        retiring = retiring_passwords(&previous, &username, &password, inputs);
         (
             endpoint.name.clone(),
             AclUser {
                 username,
                 password,
+                retiring_password_hashes: retiring.iter().map(|r| r.sha256.clone()).collect(),
                 key_prefix: key_prefix.clone().unwrap_or_default(),
                 channel: fusioncache::backplane::channel_name(
                     Some(&channel_prefix),
                     Some(&spec.cache_name),
                 ),
+                database: redis_database.unwrap_or(0),
             },
         )
     });
@@ -514,7 +750,6 @@ fn provision(
         .map_err(|e| Reject::spec("InvalidSpec", e.to_string()))?;
 
     // The objects.
-    let object = object_name(name);
     let meta = ObjectMeta {
         name: Some(object.clone()),
         namespace: Some(namespace.to_string()),
@@ -533,9 +768,13 @@ fn provision(
         ..ObjectMeta::default()
     };
     let config_map = render_config_map(meta.clone(), &config);
-    let secret = render_secret(meta, &config, nats_creds.as_deref());
+    let mut secret = render_secret(meta, &config, nats_creds.as_deref());
+    // The password was carried over from the Secret as it was read: apply only onto that version, so that
+    // a Secret deleted meanwhile (a rotation) is not brought back with the old password.
+    secret.metadata.resource_version = inputs
+        .existing_secret
+        .and_then(|s| s.metadata.resource_version.clone());
 
-    let previous = fc.status.clone().unwrap_or_default();
     let redis_endpoint = redis_target.as_ref().map(RedisTarget::key);
     let stale_acl_user = match (&previous.acl_user, &previous.redis_endpoint) {
         (Some(user), Some(endpoint)) => {
@@ -554,20 +793,71 @@ fn provision(
         redis_database,
         key_prefix,
         acl_user: acl_user.as_ref().map(|(_, u)| u.username.clone()),
+        acl_password_sha256: acl_user.as_ref().map(|(_, u)| password_sha256(&u.password)),
+        retiring_passwords: retiring.clone(),
         config_map_name: Some(object.clone()),
         secret_name: Some(object.clone()),
         binding: Some(Binding { name: object }),
         observed_generation: None,
         conditions: Vec::new(),
     };
+    let next_retirement = retiring
+        .iter()
+        .filter_map(|r| r.retire_after.parse::<Timestamp>().ok())
+        .min();
     Ok(Provision {
+        claim: None,
         config_map,
         secret,
         status,
         acl_user,
         stale_acl_user,
         config,
+        next_retirement,
     })
+}
+
+/// The previous passwords of `username` still accepted: the ones in the status whose grace period has not
+/// ended, plus the password in use until now when it changes (the binding Secret was deleted or edited);
+/// at most [`MAX_RETIRING_PASSWORDS`], the newest kept.
+fn retiring_passwords(
+    previous: &FusionCacheStatus,
+    username: &str,
+    password: &str,
+    inputs: &Inputs<'_>,
+) -> Vec<RetiringPassword> {
+    if previous.acl_user.as_deref() != Some(username) {
+        return Vec::new();
+    }
+    let current = password_sha256(password);
+    let mut kept: Vec<RetiringPassword> = previous
+        .retiring_passwords
+        .iter()
+        .filter(|r| {
+            r.sha256 != current
+                && r.retire_after
+                    .parse::<Timestamp>()
+                    .is_ok_and(|t| t > inputs.now)
+        })
+        .cloned()
+        .collect();
+    if let Some(old) = previous
+        .acl_password_sha256
+        .as_ref()
+        .filter(|old| **old != current)
+    {
+        let grace = k8s_openapi::jiff::SignedDuration::try_from(inputs.password_grace)
+            .unwrap_or(k8s_openapi::jiff::SignedDuration::MAX);
+        let until = inputs.now.checked_add(grace).unwrap_or(Timestamp::MAX);
+        kept.retain(|r| &r.sha256 != old);
+        kept.push(RetiringPassword {
+            sha256: old.clone(),
+            retire_after: until.to_string(),
+        });
+    }
+    let excess = kept.len().saturating_sub(MAX_RETIRING_PASSWORDS);
+    kept.drain(..excess);
+    kept
 }
 
 fn known_endpoints(settings: &Settings) -> String {
@@ -842,8 +1132,10 @@ mod tests {
             settings,
             redis_credentials: Lookup::NotReferenced,
             nats_credentials: Lookup::NotReferenced,
+            existing_config_map: None,
             existing_secret: None,
             fresh_password: "0123456789abcdef0123456789abcdef".into(),
+            password_grace: std::time::Duration::from_secs(600),
             now: "2024-02-01T00:00:00Z".parse().unwrap(),
         }
     }
@@ -1040,7 +1332,8 @@ mod tests {
         let p = provisioned(plan(&i).unwrap());
         assert_eq!(
             p.status.backplane_endpoint.as_deref(),
-            Some("redis://external:6379")
+            Some("redis://external.shop:6379"),
+            "allocations of an inline URL are keyed by its canonical form"
         );
         assert_eq!(
             secret_text(&p.secret, env::REDIS_USERNAME).as_deref(),
@@ -1073,11 +1366,19 @@ mod tests {
         assert_eq!(user.key_prefix, "shop.products:");
         assert_eq!(user.channel, "shop.products.Backplane:v2");
 
+        assert_eq!(first.secret.metadata.resource_version, None, "a new Secret");
+        let mut read = first.secret.clone();
+        read.metadata.resource_version = Some("7".into());
         let mut i = inputs(&fc, &[], &settings);
-        i.existing_secret = Some(&first.secret);
+        i.existing_secret = Some(&read);
         i.fresh_password = "ffffffffffffffffffffffffffffffff".into();
         let second = provisioned(plan(&i).unwrap());
         assert_eq!(second.acl_user.unwrap().1.password, user.password);
+        assert_eq!(
+            second.secret.metadata.resource_version.as_deref(),
+            Some("7"),
+            "applied only onto the version the password was read from"
+        );
     }
 
     #[test]
@@ -1246,6 +1547,265 @@ mod tests {
                 .as_deref(),
             Some("2024-02-01T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn no_type_holding_a_password_shows_it_in_debug() {
+        let settings = Settings::from_yaml(
+            "redisEndpoints:\n  - name: main\n    url: redis://redis.cache:6379\n    adminPassword: hunter2-admin\n",
+            &FakeEnv::default(),
+        )
+        .unwrap();
+        let mut s = spec(Transport::Redis);
+        s.distributed_cache = true;
+        s.redis.as_mut().unwrap().acl = true;
+        let fc = resource("shop", "products", s);
+        let first = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        let mut secret = first.secret.clone();
+        secret.data.as_mut().unwrap().insert(
+            env::REDIS_PASSWORD.into(),
+            ByteString(b"hunter2-secret".to_vec()),
+        );
+        let mut i = inputs(&fc, &[], &settings);
+        i.existing_secret = Some(&secret);
+        i.fresh_password = "hunter2-fresh".into();
+        i.redis_credentials = Lookup::Found(RedisCredentials {
+            username: Some("app".into()),
+            password: "hunter2-ref".into(),
+        });
+        i.nats_credentials = Lookup::Found("hunter2-nats".into());
+        let plan = plan(&i).unwrap();
+        let Plan::Provision(p) = &plan else {
+            panic!("provisioned")
+        };
+        assert!(secret_text(&p.secret, env::REDIS_PASSWORD)
+            .unwrap()
+            .contains("hunter2"));
+        let mut bad = resource("shop", "products", spec(Transport::Redis));
+        bad.spec.redis = None;
+        let rejected = super::plan(&inputs(&bad, &[], &settings)).unwrap();
+        let formatted = [
+            format!("{settings:?}"),
+            format!("{:?}", settings.redis_endpoints[0]),
+            format!("{i:?}"),
+            format!("{plan:?}"),
+            format!("{p:?}"),
+            format!("{:?}", p.acl_user),
+            format!("{:?}", i.redis_credentials),
+            format!("{rejected:?}"),
+            format!("{:?}", crate::acl::RedisAclProvisioner::default()),
+        ];
+        for text in formatted {
+            assert!(!text.contains("hunter2"), "a password in {text}");
+            assert!(
+                !text.contains(&first.acl_user.as_ref().unwrap().1.password),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_allocations_are_claimed_before_anything_uses_them_and_kept_ones_are_not_claimed_again() {
+        let settings = settings();
+        let mut s = spec(Transport::Redis);
+        s.distributed_cache = true;
+        let fc = resource("shop", "products", s);
+        let first = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        let claim = first.claim.clone().expect("a claim for new allocations");
+        assert_eq!(claim.redis_database, Some(0));
+        assert_eq!(claim.key_prefix.as_deref(), Some("shop.products:"));
+        assert!(
+            claim.conditions.is_empty(),
+            "the claim does not say Ready yet"
+        );
+        let fc = FusionCache {
+            status: Some(first.status.clone()),
+            ..fc
+        };
+        let again = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        assert_eq!(again.claim, None);
+    }
+
+    #[test]
+    fn every_redis_app_gets_a_key_prefix_acl_or_not() {
+        let settings = settings();
+        let mut s = spec(Transport::Redis);
+        s.distributed_cache = true;
+        let p =
+            provisioned(plan(&inputs(&resource("shop", "products", s), &[], &settings)).unwrap());
+        assert_eq!(p.status.key_prefix.as_deref(), Some("shop.products:"));
+        assert_eq!(p.config.key_prefix.as_deref(), Some("shop.products:"));
+        let nats = provisioned(
+            plan(&inputs(
+                &resource("shop", "n", spec(Transport::Nats)),
+                &[],
+                &settings,
+            ))
+            .unwrap(),
+        );
+        assert_eq!(nats.status.key_prefix, None, "no Redis, no key prefix");
+    }
+
+    #[test]
+    fn a_resource_that_lost_what_it_held_releases_its_objects_and_acl_user() {
+        let settings = settings();
+        let held = |fc: &mut FusionCache| {
+            fc.status = Some(FusionCacheStatus {
+                backplane_endpoint: Some("main".into()),
+                channel_prefix: Some("shop.products".into()),
+                redis_endpoint: Some("main".into()),
+                acl_user: Some("fc.x.products".into()),
+                key_prefix: Some("shop.products:".into()),
+                ..Default::default()
+            })
+        };
+        let mut older = resource("shop", "products", spec(Transport::Redis));
+        older.metadata.creation_timestamp = Some(Time("2023-01-01T00:00:00Z".parse().unwrap()));
+        held(&mut older);
+        let mut s = spec(Transport::Redis);
+        s.channel_prefix = Some("shop.products".into());
+        let mut newer = resource("x", "products", s);
+        held(&mut newer);
+        let all = vec![older, newer.clone()];
+        let r = rejected(plan(&inputs(&newer, &all, &settings)).unwrap());
+        assert_eq!(r.reason, "ChannelPrefixClash");
+        assert_eq!(
+            r.release,
+            Some(Release {
+                acl_user: Some(("main".into(), "fc.x.products".into()))
+            })
+        );
+        assert_eq!(r.status.channel_prefix, None, "the loser keeps nothing");
+        assert_eq!(r.status.acl_user, None);
+
+        // A resource that never held it only waits.
+        let mut s = spec(Transport::Redis);
+        s.channel_prefix = Some("shop.products".into());
+        let fresh = resource("y", "products", s);
+        let r = rejected(plan(&inputs(&fresh, &all, &settings)).unwrap());
+        assert_eq!(r.release, None);
+    }
+
+    #[test]
+    fn objects_the_operator_did_not_create_are_never_taken_over() {
+        let settings = settings();
+        let fc = resource("shop", "products", spec(Transport::Redis));
+        let theirs = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("products-fusioncache".into()),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        };
+        let mut i = inputs(&fc, &[], &settings);
+        i.existing_config_map = Some(&theirs);
+        let r = rejected(plan(&i).unwrap());
+        assert_eq!(r.reason, OBJECT_CONFLICT);
+        assert!(
+            r.message.contains("ConfigMap `products-fusioncache`"),
+            "{}",
+            r.message
+        );
+        assert!(!r.spec_error, "deleting the object fixes it: retry");
+        // Its own objects (owned by its uid) are fine.
+        let own = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        i.existing_config_map = Some(&own.config_map);
+        i.existing_secret = Some(&own.secret);
+        provisioned(plan(&i).unwrap());
+    }
+
+    #[test]
+    fn a_changed_password_keeps_the_previous_one_valid_for_the_grace_period() {
+        let settings = settings();
+        let mut s = spec(Transport::Redis);
+        s.redis.as_mut().unwrap().acl = true;
+        let fc = resource("shop", "products", s);
+        let first = provisioned(plan(&inputs(&fc, &[], &settings)).unwrap());
+        let old = first.acl_user.clone().unwrap().1.password;
+        let fc = FusionCache {
+            status: Some(first.status.clone()),
+            ..fc
+        };
+        // The binding Secret is gone: a new password, the old one retiring in 10 minutes.
+        let mut i = inputs(&fc, &[], &settings);
+        i.fresh_password = "ffffffffffffffffffffffffffffffff".into();
+        let rotated = provisioned(plan(&i).unwrap());
+        let user = rotated.acl_user.clone().unwrap().1;
+        assert_eq!(user.password, "ffffffffffffffffffffffffffffffff");
+        assert_eq!(
+            user.retiring_password_hashes,
+            vec![crate::acl::password_sha256(&old)]
+        );
+        assert_eq!(
+            rotated.status.retiring_passwords[0].retire_after,
+            "2024-02-01T00:10:00Z"
+        );
+        assert_eq!(
+            rotated.next_retirement,
+            Some("2024-02-01T00:10:00Z".parse().unwrap())
+        );
+        assert!(
+            rotated.claim.is_some(),
+            "the rotation is recorded before the user changes"
+        );
+        // After the grace period it is dropped.
+        let fc = FusionCache {
+            status: Some(rotated.status.clone()),
+            ..fc
+        };
+        let mut later = inputs(&fc, &[], &settings);
+        later.existing_secret = Some(&rotated.secret);
+        later.now = "2024-02-01T00:10:01Z".parse().unwrap();
+        let settled = provisioned(plan(&later).unwrap());
+        assert!(settled
+            .acl_user
+            .unwrap()
+            .1
+            .retiring_password_hashes
+            .is_empty());
+        assert!(settled.status.retiring_passwords.is_empty());
+    }
+
+    #[test]
+    fn the_finalizer_is_only_for_resources_with_something_to_release() {
+        const F: &str = "fusioncache.io/cleanup";
+        let plain = resource("shop", "products", spec(Transport::Redis));
+        assert_eq!(
+            finalizer_step(&plain, F),
+            FinalizerStep::Apply {
+                add_finalizer: false
+            }
+        );
+        let mut acl = plain.clone();
+        acl.spec.redis.as_mut().unwrap().acl = true;
+        assert_eq!(
+            finalizer_step(&acl, F),
+            FinalizerStep::Apply {
+                add_finalizer: true
+            }
+        );
+        acl.metadata.finalizers = Some(vec![F.into()]);
+        assert_eq!(
+            finalizer_step(&acl, F),
+            FinalizerStep::Apply {
+                add_finalizer: false
+            }
+        );
+        acl.metadata.deletion_timestamp = Some(Time("2024-03-01T00:00:00Z".parse().unwrap()));
+        assert_eq!(
+            finalizer_step(&acl, F),
+            FinalizerStep::Cleanup { skip: false }
+        );
+        acl.metadata.annotations = Some(BTreeMap::from([(
+            crate::crd::SKIP_CLEANUP_ANNOTATION.to_string(),
+            "True".to_string(),
+        )]));
+        assert_eq!(
+            finalizer_step(&acl, F),
+            FinalizerStep::Cleanup { skip: true }
+        );
+        acl.metadata.finalizers = None;
+        assert_eq!(finalizer_step(&acl, F), FinalizerStep::Nothing);
     }
 
     #[test]

@@ -213,6 +213,20 @@ impl Settings {
             if let Err(reason) = check_redis_url(&e.url) {
                 return Err(SettingsError::invalid(key("url"), reason));
             }
+            let canonical = canonical_redis_url(&e.url, None);
+            if let Some(other) = endpoints
+                .iter()
+                .find(|o: &&RedisEndpoint| canonical_redis_url(&o.url, None) == canonical)
+            {
+                return Err(SettingsError::invalid(
+                    key("url"),
+                    format!(
+                        "`{}` is the server of endpoint `{}` too: one server under two names would be allocated \
+                         twice",
+                        e.url, other.name
+                    ),
+                ));
+            }
             let databases = e.databases.unwrap_or(DEFAULT_DATABASES);
             if databases == 0 {
                 return Err(SettingsError::invalid(
@@ -306,13 +320,17 @@ impl Settings {
         }
     }
 
-    /// The endpoint whose URL is `url`, if one is declared (an explicit URL that points at a managed
-    /// endpoint shares its allocations).
-    pub fn endpoint_by_url(&self, url: &str) -> Option<&RedisEndpoint> {
-        let wanted = normalize_url(url);
-        self.redis_endpoints
-            .iter()
-            .find(|e| normalize_url(&e.url) == wanted)
+    /// The endpoint whose URL is `url` once both are canonical ([`canonical_redis_url`]), if one is declared:
+    /// an explicit URL that points at a managed endpoint shares its allocations, so one server is never
+    /// allocated twice under two spellings. `namespace` is the FusionCache's (a one-label host is a Service
+    /// of that namespace).
+    pub fn endpoint_by_url(&self, url: &str, namespace: &str) -> Option<&RedisEndpoint> {
+        let qualified = canonical_redis_url(url, Some(namespace));
+        let as_written = canonical_redis_url(url, None);
+        self.redis_endpoints.iter().find(|e| {
+            let endpoint = canonical_redis_url(&e.url, None);
+            endpoint == qualified || endpoint == as_written
+        })
     }
 }
 
@@ -322,12 +340,104 @@ fn parse_file(text: &str, source_name: &str) -> Result<SettingsFile, SettingsErr
     }
     serde_yaml::from_str(text).map_err(|e| SettingsError::Yaml {
         source_name: source_name.to_string(),
-        message: e.to_string(),
+        message: redact_parse_values(&e.to_string()),
     })
 }
 
-fn normalize_url(url: &str) -> String {
-    url.trim().trim_end_matches('/').to_ascii_lowercase()
+/// A Redis URL reduced to what identifies the server: `scheme://host:port`, the host lowercased without a
+/// trailing dot, the Kubernetes Service suffixes `.svc.cluster.local` and `.svc` removed, a one-label host
+/// qualified with `namespace` when given (`redis` from namespace `cache` is `redis.cache`), the port 6379 when
+/// none is given; credentials, database path and query are dropped.
+///
+/// Two spellings of one Service (`redis.cache`, `redis.cache.svc`, `redis.cache.svc.cluster.local`) are one
+/// endpoint; an IP address and a DNS name of the same server cannot be recognized as one (name the endpoint
+/// instead).
+pub fn canonical_redis_url(url: &str, namespace: Option<&str>) -> String {
+    let url = url.trim();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').unwrap_or((v6, ""));
+        (format!("[{h}]"), after.strip_prefix(':').unwrap_or(""))
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (host_port.to_string(), ""),
+        }
+    };
+    let mut host = host.to_ascii_lowercase().trim_end_matches('.').to_string();
+    for suffix in [".svc.cluster.local", ".svc"] {
+        if let Some(h) = host.strip_suffix(suffix) {
+            host = h.to_string();
+            break;
+        }
+    }
+    let is_ip = host.starts_with('[') || host.parse::<std::net::Ipv4Addr>().is_ok();
+    if let Some(ns) = namespace {
+        if !host.contains('.') && !is_ip && host != "localhost" && !host.is_empty() {
+            host = format!("{host}.{ns}");
+        }
+    }
+    let port = if port.is_empty() { "6379" } else { port };
+    format!("{}://{host}:{port}", scheme.to_ascii_lowercase())
+}
+
+/// A YAML parse error without the value it quotes (`invalid type: string "hunter2", expected …`: the value
+/// may be a password); the kind of value and the field names (`unknown field `x``) stay.
+fn redact_parse_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = ["invalid type: ", "invalid value: "]
+        .iter()
+        .filter_map(|p| rest.find(p).map(|i| i + p.len()))
+        .min()
+    {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let end = rest.find(", expected").unwrap_or(rest.len());
+        let kind = rest[..end].split_whitespace().next().unwrap_or_default();
+        out.push_str(kind);
+        out.push_str(" <redacted>");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `url` with its credentials (`user:password@`) replaced by `***@`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// Parses a duration: `250ms`, `10s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 500ms, 10s, 5m, 1h)"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (use ms, s, m or h)"
+            ))
+        }
+    };
+    ms.map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is too long"))
 }
 
 /// Whether `name` is a valid endpoint name (a DNS label).
@@ -351,7 +461,10 @@ fn authority(url: &str) -> Option<&str> {
 /// Checks a Redis URL: `redis://` or `rediss://`, a host, and no credentials in it.
 pub fn check_redis_url(url: &str) -> Result<(), String> {
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(format!("`{url}` must start with redis:// or rediss://"));
+        return Err(format!(
+            "`{}` must start with redis:// or rediss://",
+            redact_url(url)
+        ));
     }
     check_authority(url)
 }
@@ -367,7 +480,8 @@ pub fn check_nats_url(urls: &str) -> Result<(), String> {
             .any(|s| url.starts_with(s))
         {
             return Err(format!(
-                "`{url}` must start with nats://, tls://, ws:// or wss://"
+                "`{}` must start with nats://, tls://, ws:// or wss://",
+                redact_url(url)
             ));
         }
         check_authority(url)?;
@@ -377,7 +491,7 @@ pub fn check_nats_url(urls: &str) -> Result<(), String> {
 
 fn check_authority(url: &str) -> Result<(), String> {
     let Some(auth) = authority(url) else {
-        return Err(format!("`{url}` is not a URL"));
+        return Err(format!("`{}` is not a URL", redact_url(url)));
     };
     if auth.contains('@') {
         return Err(
@@ -386,7 +500,7 @@ fn check_authority(url: &str) -> Result<(), String> {
         );
     }
     if auth.is_empty() || auth.starts_with(':') || auth.chars().any(char::is_whitespace) {
-        return Err(format!("`{url}` has no valid host"));
+        return Err(format!("`{}` has no valid host", redact_url(url)));
     }
     Ok(())
 }
@@ -488,6 +602,104 @@ defaultNatsUrl: nats://nats:4222
     }
 
     #[test]
+    fn one_server_under_two_spellings_is_one_endpoint() {
+        let c = |u: &str, ns: Option<&str>| canonical_redis_url(u, ns);
+        assert_eq!(
+            c("redis://Redis.Cache:6379", None),
+            "redis://redis.cache:6379"
+        );
+        assert_eq!(
+            c("redis://redis.cache.svc.cluster.local.", None),
+            "redis://redis.cache:6379"
+        );
+        assert_eq!(
+            c("redis://redis.cache.svc:6379/3", None),
+            "redis://redis.cache:6379"
+        );
+        assert_eq!(
+            c("redis://redis:6379", Some("cache")),
+            "redis://redis.cache:6379"
+        );
+        assert_eq!(
+            c("rediss://u:p@10.0.0.1", Some("cache")),
+            "rediss://10.0.0.1:6379"
+        );
+        assert_ne!(
+            c("redis://redis.cache:6380", None),
+            c("redis://redis.cache:6379", None)
+        );
+        let s = Settings::from_yaml(
+            "redisEndpoints:\n  - name: main\n    url: redis://redis.cache.svc.cluster.local:6379\n",
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.endpoint_by_url("redis://redis:6379", "cache")
+                .unwrap()
+                .name,
+            "main"
+        );
+        assert!(s.endpoint_by_url("redis://redis:6379", "other").is_none());
+        let err = Settings::from_yaml(
+            "redisEndpoints:\n  - name: a\n    url: redis://redis.cache:6379\n  - name: b\n    url: redis://REDIS.cache.svc\n",
+            &env(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("endpoint `a` too"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_values() {
+        let err = Settings::from_yaml(
+            "redisEndpoints:\n  - name: a\n    url: redis://a:1\n    adminPassword: [hunter2]\n",
+            &env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = Settings::from_yaml(
+            "redisEndpoints:\n  - name: a\n    url: redis://a:1\n    databases: hunter2\n",
+            &env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !err.contains("hunter2") && err.contains("databases"),
+            "{err}"
+        );
+        assert_eq!(
+            redact_parse_values("x: invalid type: string \"hunter2\", expected u32 at line 2"),
+            "x: invalid type: string <redacted>, expected u32 at line 2"
+        );
+        let unknown = "unknown field `redisEndpoint`, expected one of `redisEndpoints`";
+        assert_eq!(redact_parse_values(unknown), unknown);
+    }
+
+    #[test]
+    fn durations_have_a_unit_or_are_seconds() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn urls_in_errors_never_show_credentials() {
+        for url in ["http://user:hunter2@h:1", "redis://user:hunter2@ h"] {
+            let err = check_redis_url(url).unwrap_err();
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let err = check_nats_url("nats://a:1,http://u:hunter2@b:2").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(redact_url("redis://u:p@h:1/2"), "redis://***@h:1/2");
+        assert_eq!(redact_url("redis://h:1/a@b"), "redis://h:1/a@b");
+    }
+
+    #[test]
     fn environment_overrides_the_defaults() {
         let mut env = env();
         env.vars
@@ -507,7 +719,10 @@ defaultNatsUrl: nats://nats:4222
         )
         .unwrap();
         assert_eq!(s.default_endpoint().unwrap().name, "only");
-        assert_eq!(s.endpoint_by_url("REDIS://o:1/").unwrap().name, "only");
+        assert_eq!(
+            s.endpoint_by_url("REDIS://o:1/", "ns").unwrap().name,
+            "only"
+        );
         let empty = Settings::load(None, &env()).unwrap();
         assert!(empty.redis_endpoints.is_empty() && empty.default_endpoint().is_none());
         let err = Settings::load(Some(Path::new("/nope.yaml")), &env()).unwrap_err();

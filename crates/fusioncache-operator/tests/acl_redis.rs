@@ -1,124 +1,381 @@
-//! ACL provisioning against a real `redis-server`: the operator renders two caches with `acl: true`,
-//! provisions their users with the endpoint's admin credentials, and each app — authenticating with what its
-//! binding Secret holds — can use its own keys and channel and is denied the other's.
+//! Least-privilege ACL users against a real `redis-server`: the operator renders two apps with `acl: true`
+//! (A, `products`, in database 0; B, `orders`, in database 1) and provisions their users with the endpoint's
+//! admin credentials. As A, with the credentials of its binding Secret:
+//! - the library does everything it does (a `FusionCache` with the Redis L2 and backplane: get, set, remove,
+//!   expire, subscribe, publish, reconnect after a Redis restart) without one permission error;
+//! - every command outside `fusioncache::redis::ACL_COMMANDS` is refused (`ACL DRYRUN` of every command the
+//!   server has, and the attacks of issue 12 run for real), and so is every access to B's keys and channel.
 
 mod common;
 
-use common::{acl_cache, binding, provision, redis_with_admin, settings, ADMIN_PASSWORD};
-use fusioncache::config::env;
-use fusioncache_operator::acl::{AclProvisioner, RedisAclProvisioner};
-use fusioncache_operator::crd::{FusionCache, FusionCacheStatus};
-use fusioncache_operator::settings::{RedisEndpoint, Settings};
+use std::time::Duration;
 
-fn with_status(mut fc: FusionCache, status: FusionCacheStatus) -> FusionCache {
+use common::{
+    acl_cache, binding, default_user_settings, provision, redis_with_admin, redis_with_password,
+    settings, ADMIN_PASSWORD,
+};
+use fusioncache::backplane::redis::RedisBackplane;
+use fusioncache::config::{env, FusionCacheConfig};
+use fusioncache::l2::redis::RedisDistributedCache;
+use fusioncache::redis::{RedisConnection, RedisOptions, ACL_COMMANDS};
+use fusioncache::FusionCache;
+use fusioncache_operator::acl::{AclProvisioner, RedisAclProvisioner};
+use fusioncache_operator::crd::{FusionCache as FusionCacheResource, FusionCacheStatus};
+use fusioncache_operator::reconcile::Provision;
+use fusioncache_operator::settings::{RedisEndpoint, Settings};
+use fusioncache_testkit::RedisServer;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn with_status(mut fc: FusionCacheResource, status: FusionCacheStatus) -> FusionCacheResource {
     fc.status = Some(status);
     fc
 }
 
-#[tokio::test]
-async fn app_users_reach_their_own_keys_and_channel_and_are_denied_the_others() {
-    let redis = redis_with_admin();
-    let settings = settings(&redis, ADMIN_PASSWORD);
-    let acl = RedisAclProvisioner::default();
-    let endpoint = settings.endpoint("main").unwrap();
-
-    // Two apps; the second is reconciled seeing the first's status, as in the cluster.
+/// Apps A (`products`) and B (`orders`), provisioned on `redis` as the operator does.
+async fn two_apps(settings: &Settings) -> (Provision, Provision) {
     let products = acl_cache("products");
-    let p1 = provision(&products, &[], &settings, None);
-    let products = with_status(products, p1.status.clone());
-    let orders = acl_cache("orders");
-    let p2 = provision(&orders, std::slice::from_ref(&products), &settings, None);
-    assert_eq!(p1.status.redis_database, Some(0));
-    assert_eq!(p2.status.redis_database, Some(1));
-    for p in [&p1, &p2] {
-        let (endpoint_name, user) = p.acl_user.as_ref().unwrap();
-        assert_eq!(endpoint_name, "main");
-        acl.ensure_user(endpoint, user).await.expect("ACL SETUSER");
+    let a = provision(&products, &[], settings, None);
+    let products = with_status(products, a.status.clone());
+    let b = provision(
+        &acl_cache("orders"),
+        std::slice::from_ref(&products),
+        settings,
+        None,
+    );
+    assert_eq!(
+        (a.status.redis_database, b.status.redis_database),
+        (Some(0), Some(1))
+    );
+    let acl = RedisAclProvisioner::default();
+    for p in [&a, &b] {
+        let (endpoint, user) = p.acl_user.as_ref().unwrap();
+        acl.ensure_user(settings.endpoint(endpoint).unwrap(), user)
+            .await
+            .expect("ACL SETUSER");
+    }
+    (a, b)
+}
+
+/// A node of the app, built from its binding as a service would, on its own connection.
+fn node(config: &FusionCacheConfig) -> FusionCache<String> {
+    let r = config.redis.as_ref().unwrap();
+    let options = RedisOptions {
+        max_reconnect_delay: Duration::from_millis(200),
+        health_check_interval: Duration::from_millis(500),
+        ..RedisOptions::default()
+    };
+    let conn = RedisConnection::open_parts(
+        r.url.as_deref().unwrap(),
+        r.database,
+        r.username.as_deref(),
+        r.password.as_deref(),
+        options,
+    )
+    .unwrap();
+    FusionCache::builder()
+        .name(config.cache_name.clone().unwrap())
+        .channel_prefix(config.channel_prefix.clone().unwrap())
+        .distributed_cache(
+            RedisDistributedCache::new(conn.clone()).key_prefix(config.key_prefix.clone().unwrap()),
+        )
+        .backplane(RedisBackplane::new(conn))
+        .build()
+        .unwrap()
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn admin(redis: &RedisServer, args: &[&str]) -> String {
+    redis.command_as("default", ADMIN_PASSWORD, args).unwrap()
+}
+
+fn no_permission_errors(n: &FusionCache<String>) {
+    let stats = n.stats();
+    assert_eq!(stats.l2_errors, 0, "L2 errors: {stats:?}");
+    assert_eq!(
+        stats.auto_recovery_queued, 0,
+        "distributed operations that failed (L2 step or publish): {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_a_runs_every_library_operation_under_its_acl_user_even_across_a_redis_restart() {
+    let mut redis = redis_with_password();
+    let settings = default_user_settings(&redis);
+    let (a, _b) = two_apps(&settings).await;
+    let config = binding(&a);
+    let (n1, n2) = (node(&config), node(&config));
+    for n in [&n1, &n2] {
+        assert!(
+            n.wait_for_backplane(WAIT).await,
+            "A may subscribe to its channel"
+        );
     }
 
-    let app1 = binding(&p1);
-    let r1 = app1.redis.clone().unwrap();
-    let (user1, pass1) = (r1.username.clone().unwrap(), r1.password.clone().unwrap());
-    let own_key = format!("{}k", app1.key_prefix.clone().unwrap());
-    let own_channel = app1.channel().unwrap();
-    let app2 = binding(&p2);
-    let other_key = format!("{}k", app2.key_prefix.clone().unwrap());
-    let other_channel = app2.channel().unwrap();
-    assert_eq!(own_key, "shop.products:k");
-    assert_eq!(own_channel, "shop.products.Backplane:v2");
+    // set → L2 (under the key prefix, in A's database) → the other node reads it.
+    n1.set("k", "v1".into()).await.unwrap();
+    assert_eq!(n2.get("k").await.as_deref(), Some("v1"));
+    assert!(admin(&redis, &["EXISTS", "shop.products:k"]).starts_with(":1"));
+    // A change reaches the other node's L1 over the backplane (publish, subscribe).
+    n1.set("k", "v2".into()).await.unwrap();
+    eventually("n2's L1 refreshed or evicted", || {
+        n2.peek("k").as_deref() != Some("v1")
+    })
+    .await;
+    assert_eq!(n2.get("k").await.as_deref(), Some("v2"));
+    // expire: stale everywhere (the library decides what L2 keeps).
+    n1.expire("k").await.unwrap();
+    // remove: gone from L2 and from the other node.
+    n1.remove("k").await.unwrap();
+    eventually("n2's L1 evicted", || n2.peek("k").is_none()).await;
+    assert_eq!(n2.get("k").await, None);
+    assert!(admin(&redis, &["EXISTS", "shop.products:k"]).starts_with(":0"));
+    for n in [&n1, &n2] {
+        no_permission_errors(n);
+    }
+    assert!(n2.stats().backplane_received >= 2, "{:?}", n2.stats());
 
-    // With the raw protocol, as the app user.
-    let as_app1 = |args: &[&str]| redis.command_as(&user1, &pass1, args).unwrap();
-    assert!(as_app1(&["SET", &own_key, "v"]).starts_with("+OK"));
-    assert!(as_app1(&["GET", &own_key]).contains("v"));
-    assert!(as_app1(&["PUBLISH", &own_channel, "x"]).starts_with(':'));
-    assert!(as_app1(&["SUBSCRIBE", &own_channel]).starts_with('*'));
-    assert!(as_app1(&["GET", &other_key]).starts_with("-NOPERM"));
-    assert!(as_app1(&["SET", &other_key, "v"]).starts_with("-NOPERM"));
-    assert!(as_app1(&["PUBLISH", &other_channel, "x"]).starts_with("-NOPERM"));
-    assert!(as_app1(&["SUBSCRIBE", &other_channel]).starts_with("-NOPERM"));
-    assert!(
-        as_app1(&["FLUSHALL"]).starts_with("-NOPERM"),
-        "dangerous commands are denied"
+    // Redis restarts without persistence: the users are gone until provisioned again (the operator's
+    // watchdog does it within its check interval); the nodes reconnect with the same credentials.
+    redis.restart().unwrap();
+    let (endpoint, user) = a.acl_user.as_ref().unwrap();
+    RedisAclProvisioner::default()
+        .ensure_user(settings.endpoint(endpoint).unwrap(), user)
+        .await
+        .unwrap();
+    let reconnects = n1.stats().backplane_reconnects;
+    for n in [&n1, &n2] {
+        assert!(
+            n.wait_for_backplane(WAIT).await,
+            "resubscribed after the restart"
+        );
+    }
+    eventually("a backplane reconnection", || {
+        n1.stats().backplane_reconnects > reconnects
+    })
+    .await;
+    // The L2 connection finds out about the restart on its next command (a broken pipe) and reconnects;
+    // the write goes through then (retried by the caller or by the library's auto-recovery).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while let Err(e) = n1.set("k", "v3".into()).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "L2 never came back: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually("v3 in L2", || {
+        admin(&redis, &["EXISTS", "shop.products:k"]).starts_with(":1")
+    })
+    .await;
+    // n2's L2 connection too (its first read after the restart is a miss).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while n2.get("k").await.as_deref() != Some("v3") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n2 never read v3 from L2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    n1.set("k", "v4".into()).await.unwrap();
+    eventually("n2 notified after the restart", || {
+        n2.peek("k").as_deref() != Some("v3")
+    })
+    .await;
+    assert_eq!(n2.get("k").await.as_deref(), Some("v4"));
+}
+
+/// Commands Redis lets every connection run, whatever its ACL (they change nothing and read nothing).
+/// (`HELLO` and `AUTH` authenticate, `QUIT` closes the connection, `RESET` resets its state: deselects,
+/// unsubscribes, deauthenticates.)
+const ALLOWED_TO_EVERYONE: &[&str] = &["auth", "hello", "quit", "reset"];
+
+/// `ACL DRYRUN` of `args` for `user`, padded with `filler` arguments until the arity fits.
+async fn dryrun(
+    con: &mut redis::aio::MultiplexedConnection,
+    user: &str,
+    args: &[&str],
+    filler: &str,
+) -> String {
+    for extra in 0..8 {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("DRYRUN").arg(user).arg(args);
+        for _ in 0..extra {
+            cmd.arg(filler);
+        }
+        let reply: Result<String, redis::RedisError> = cmd.query_async(con).await;
+        match reply {
+            Err(e) if e.to_string().contains("wrong number of arguments") => continue,
+            Err(e) => return format!("ERR {e}"),
+            Ok(text) => return text,
+        }
+    }
+    panic!("no arity fits {args:?}")
+}
+
+#[tokio::test]
+async fn every_command_outside_the_allowlist_and_every_access_to_app_b_is_denied() {
+    let redis = redis_with_password();
+    let settings = default_user_settings(&redis);
+    let (a, b) = two_apps(&settings).await;
+    let app_a = binding(&a);
+    let ra = app_a.redis.clone().unwrap();
+    let (user, pass) = (ra.username.clone().unwrap(), ra.password.clone().unwrap());
+    let own_key = format!("{}k", app_a.key_prefix.clone().unwrap());
+    let own_channel = app_a.channel().unwrap();
+    let app_b = binding(&b);
+    let other_key = format!("{}k", app_b.key_prefix.clone().unwrap());
+    let other_channel = app_b.channel().unwrap();
+    assert_eq!(
+        (own_key.as_str(), own_channel.as_str()),
+        ("shop.products:k", "shop.products.Backplane:v2")
     );
 
-    // With redis-rs, as the library would connect: URL, database, username and password from the binding.
-    let info = redis::Client::open(r1.url.clone().unwrap())
+    // Every command the server has, checked without running it: exactly the allowlist passes.
+    let admin_url = format!(
+        "redis://default:{ADMIN_PASSWORD}@127.0.0.1:{}",
+        redis.port()
+    );
+    let mut con = redis::Client::open(admin_url)
         .unwrap()
-        .get_connection_info()
-        .clone();
-    let redis_info = info
-        .redis_settings()
-        .clone()
-        .set_username(&user1)
-        .set_password(&pass1)
-        .set_db(i64::from(r1.database.unwrap()));
-    let client = redis::Client::open(info.set_redis_settings(redis_info)).unwrap();
-    let mut con = client
         .get_multiplexed_async_connection()
         .await
-        .expect("the app user authenticates");
-    let () = redis::cmd("SET")
-        .arg(&own_key)
-        .arg("from-rust")
+        .unwrap();
+    let mut names: Vec<String> = redis::cmd("COMMAND")
+        .arg("LIST")
         .query_async(&mut con)
         .await
         .unwrap();
-    let got: String = redis::cmd("GET")
-        .arg(&own_key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(got, "from-rust");
-    let receivers: i64 = redis::cmd("PUBLISH")
-        .arg(&own_channel)
-        .arg("x")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(receivers, 0);
-    let denied: Result<Option<String>, _> = redis::cmd("GET")
-        .arg(&other_key)
-        .query_async(&mut con)
-        .await;
-    let denied = denied.unwrap_err().to_string();
-    assert!(denied.to_ascii_lowercase().contains("noperm"), "{denied}");
+    names.sort();
+    let containers: Vec<String> = names
+        .iter()
+        .filter_map(|n| n.split_once('|').map(|(c, _)| c.to_string()))
+        .collect();
+    let (mut allowed, mut denied, mut wrong) = (Vec::new(), 0, Vec::new());
+    for name in names.iter().filter(|n| !containers.contains(n)) {
+        let args: Vec<&str> = name.split('|').collect();
+        let reply = dryrun(&mut con, &user, &args, &own_key).await;
+        let refused = reply.contains(&format!("no permissions to run the '{name}' command"));
+        if ACL_COMMANDS.contains(&name.as_str()) {
+            if refused {
+                wrong.push(format!("`{name}` is in the allowlist but refused: {reply}"));
+            }
+            allowed.push(name.clone());
+        } else if refused {
+            denied += 1;
+        } else if !ALLOWED_TO_EVERYONE.contains(&name.as_str()) {
+            wrong.push(format!("`{name}` is not in the allowlist, yet: {reply}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    let mut known: Vec<&str> = ACL_COMMANDS
+        .iter()
+        .copied()
+        .filter(|c| names.iter().any(|n| n == c))
+        .collect();
+    known.sort();
+    assert_eq!(
+        allowed, known,
+        "every allowlisted command the server has was checked"
+    );
+    assert!(denied > 200, "only {denied} commands checked");
 
-    // Reconciling again (same password, from the Secret) keeps the user working.
-    let again = provision(&products, &[], &settings, Some(&p1.secret));
-    let (_, user) = again.acl_user.as_ref().unwrap();
-    assert_eq!(user.password, pass1);
-    acl.ensure_user(endpoint, user).await.unwrap();
-    assert!(as_app1(&["GET", &own_key]).contains("from-rust"));
+    // The attacks of issue 12, run for real as A, and every access to B's keys and channel.
+    let lib = "#!lua name=evil\nredis.register_function('f', function() return 1 end)";
+    let refused: &[&[&str]] = &[
+        &["FUNCTION", "LOAD", "REPLACE", lib],
+        &["FUNCTION", "FLUSH"],
+        &["FUNCTION", "LIST"],
+        &["FUNCTION", "DELETE", "evil"],
+        &["FUNCTION", "DUMP"],
+        &["FUNCTION", "KILL"],
+        &["FCALL", "f", "1", &own_key],
+        &["FCALL_RO", "f", "0"],
+        &["EVAL", "return 1", "0"],
+        &["EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"],
+        &["SCRIPT", "FLUSH"],
+        &["SCRIPT", "KILL"],
+        &["SCRIPT", "LOAD", "return 1"],
+        &["CLIENT", "TRACKING", "ON", "BCAST"],
+        &["CLIENT", "LIST"],
+        &["CLIENT", "KILL", "ID", "1"],
+        &["SCAN", "0"],
+        &["KEYS", "*"],
+        &["RANDOMKEY"],
+        &["DBSIZE"],
+        &["PUBSUB", "CHANNELS"],
+        &["PUBSUB", "NUMSUB", &other_channel],
+        &["PUBSUB", "NUMPAT"],
+        &["FLUSHDB"],
+        &["FLUSHALL"],
+        &["SWAPDB", "0", "1"],
+        &["SELECT", "1"],
+        &["MOVE", &own_key, "1"],
+        &["CONFIG", "GET", "*"],
+        &["CONFIG", "SET", "maxmemory", "1"],
+        &["ACL", "SETUSER", &user, "+@all"],
+        &["ACL", "LIST"],
+        &["MONITOR"],
+        &["MIGRATE", "127.0.0.1", "1", &own_key, "0", "100"],
+        &["SHUTDOWN"],
+        &["DEL", &own_key],
+        &["EXPIRE", &own_key, "10"],
+        &["KEYS", "shop.*"],
+        &["PSUBSCRIBE", "*"],
+        &["GET", &other_key],
+        &["SET", &other_key, "v"],
+        &["MGET", &own_key, &other_key],
+        &["UNLINK", &other_key],
+        &["PUBLISH", &other_channel, "x"],
+        &["SUBSCRIBE", &other_channel],
+        &["SUBSCRIBE", &format!("{own_channel}x")],
+    ];
+    for args in refused {
+        let reply = redis.command_as(&user, &pass, args).unwrap();
+        assert!(
+            reply.starts_with("-NOPERM"),
+            "as A, {args:?} answered {reply:?}"
+        );
+    }
+    // What the library does is allowed.
+    let as_a = |args: &[&str]| redis.command_as(&user, &pass, args).unwrap();
+    assert!(as_a(&["SET", &own_key, "v"]).starts_with("+OK"));
+    assert!(as_a(&["MGET", &own_key]).starts_with('*'));
+    assert!(as_a(&["PUBLISH", &own_channel, "x"]).starts_with(':'));
+    assert!(as_a(&["SUBSCRIBE", &own_channel]).starts_with('*'));
+    assert!(as_a(&["UNLINK", &own_key]).starts_with(':'));
+    // B, in database 1, may SELECT, but not reach A's keys in database 0 through it.
+    let rb = app_b.redis.unwrap();
+    let (user_b, pass_b) = (rb.username.unwrap(), rb.password.unwrap());
+    let as_b = |args: &[&str]| redis.command_as(&user_b, &pass_b, args).unwrap();
+    assert!(as_b(&["SELECT", "1"]).starts_with("+OK"));
+    assert!(as_b(&["GET", &own_key]).starts_with("-NOPERM"));
+}
 
-    // Finalize: the user is gone.
-    acl.delete_user(endpoint, &user1)
-        .await
-        .expect("ACL DELUSER");
-    let err = redis.command_as(&user1, &pass1, &["PING"]).unwrap_err();
-    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
-    // Deleting again is not an error.
-    acl.delete_user(endpoint, &user1).await.unwrap();
+#[tokio::test]
+async fn the_library_in_database_zero_never_needs_select_and_elsewhere_may() {
+    let redis = redis_with_admin();
+    let settings = settings(&redis, ADMIN_PASSWORD);
+    let (a, b) = two_apps(&settings).await;
+    for (p, select) in [(&a, false), (&b, true)] {
+        let (_, user) = p.acl_user.as_ref().unwrap();
+        assert_eq!(user.setuser_args().contains(&"+select".to_string()), select);
+        // The library connects to its database (SELECT only outside 0) and works.
+        let n = node(&binding(p));
+        n.set("k", "v".into()).await.unwrap();
+        assert_eq!(n.get("k").await.as_deref(), Some("v"));
+        no_permission_errors(&n);
+    }
 }
 
 #[tokio::test]
@@ -128,7 +385,7 @@ async fn wrong_admin_credentials_and_unreachable_endpoints_are_errors() {
     let good = settings(&redis, ADMIN_PASSWORD);
     let p = provision(&products, &[], &good, None);
     let (_, user) = p.acl_user.as_ref().unwrap();
-    let acl = RedisAclProvisioner::new(std::time::Duration::from_secs(3));
+    let acl = RedisAclProvisioner::new(Duration::from_secs(3));
 
     let bad = settings(&redis, "wrong");
     let err = acl
@@ -136,6 +393,10 @@ async fn wrong_admin_credentials_and_unreachable_endpoints_are_errors() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("main"), "{err}");
+    assert!(
+        !err.to_string().contains("wrong"),
+        "no password in the error: {err}"
+    );
 
     redis.stop();
     let err = acl

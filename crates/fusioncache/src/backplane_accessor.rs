@@ -134,8 +134,32 @@ impl BackplaneAccessor {
             .collect()
     }
 
+    /// Whether the breaker lets publishes through now.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn is_usable(&self) -> bool {
+        !self.breaker.is_open()
+    }
+
+    /// The transport.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn backplane(&self) -> &dyn Backplane {
+        self.backplane.as_ref()
+    }
+
+    /// The channel.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// The payload of one notification from this node.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn encode(&self, key: &str, action: Action, timestamp: i64) -> bytes::Bytes {
+        BackplaneMessage::new(&self.instance_id, timestamp, action, key).encode()
+    }
+
     /// Records the outcome of one publish.
-    fn published(
+    pub fn published(
         &self,
         key: &str,
         action: Action,

@@ -226,11 +226,7 @@ where
             self.inner.record_l1_hit(key);
             return Some(v);
         }
-        let span = self.inner.span("get", key);
-        Box::pin(self.inner.get_slow(key, &self.inner.default_entry_options))
-            .instrument(span)
-            .await
-            .unwrap_or(None)
+        self.inner.get_miss("get", key).await.unwrap_or(None)
     }
 
     /// Like [`get`](Self::get), but an L2 error with no fallback to serve is returned.
@@ -239,10 +235,7 @@ where
             self.inner.record_l1_hit(key);
             return Ok(Some(v));
         }
-        let span = self.inner.span("try_get", key);
-        Box::pin(self.inner.get_slow(key, &self.inner.default_entry_options))
-            .instrument(span)
-            .await
+        self.inner.get_miss("try_get", key).await
     }
 
     /// Sets `key` with the default entry options. See [`set_with`](Self::set_with).
@@ -346,9 +339,12 @@ where
                 .telemetry
                 .emit(|| CacheEvent::RemoveByTag { tag });
             Inner::remove_tag(&self.inner, tag)
-                .instrument(
-                    tracing::debug_span!("remove_by_tag", cache = %self.inner.options.name, tag),
-                )
+                .instrument(tracing::debug_span!(
+                    "fusioncache",
+                    operation = "remove_by_tag",
+                    cache = %self.inner.options.name,
+                    tag
+                ))
                 .await?;
         }
         Ok(())
@@ -379,7 +375,12 @@ where
             .telemetry
             .emit(|| CacheEvent::Clear { allow_fail_safe });
         Inner::remove_tag(inner, tag)
-            .instrument(tracing::debug_span!("clear", cache = %inner.options.name, allow_fail_safe))
+            .instrument(tracing::debug_span!(
+                "fusioncache",
+                operation = "clear",
+                cache = %inner.options.name,
+                allow_fail_safe
+            ))
             .await
     }
 
@@ -527,6 +528,18 @@ where
     pub(crate) fn lookup_l1_for_refresh(&self, key: &str) -> L1Lookup<V> {
         self.l1
             .lookup_for_refresh(key, Instant::now(), self.untrusted_after())
+    }
+
+    /// A `get` that L1 could not answer, boxed and in its span, so that the future of a hit stays small.
+    fn get_miss<'a>(
+        self: &'a Arc<Self>,
+        operation: &'static str,
+        key: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<V>, Error>> + Send + 'a>> {
+        Box::pin(
+            self.get_slow(key, &self.default_entry_options)
+                .instrument(self.span(operation, key)),
+        )
     }
 
     /// The span of an operation that goes past L1 (debug level: free when disabled).

@@ -94,7 +94,17 @@ where
         if !probe && self.breaker.is_open() {
             return Err(L2Error::CircuitOpen);
         }
-        match op.await {
+        self.outcome(key, op.await)
+    }
+
+    /// Records the outcome of an L2 call made elsewhere (in a pipeline with a notification): the breaker
+    /// and the error counters. The flag says L2 just came back.
+    pub fn outcome<T>(
+        &self,
+        key: Option<&str>,
+        result: Result<T, L2Error>,
+    ) -> Result<(T, bool), L2Error> {
+        match result {
             Ok(v) => {
                 let recovered = self.breaker.reset();
                 if recovered {
@@ -110,6 +120,18 @@ where
                 Err(e)
             }
         }
+    }
+
+    /// Whether the breaker lets calls through now.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn is_usable(&self) -> bool {
+        !self.breaker.is_open()
+    }
+
+    /// The store.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn store(&self) -> &dyn DistributedCache {
+        self.store.as_ref()
     }
 
     fn breaker_changed(&self, open: bool) {

@@ -214,6 +214,11 @@ impl RedisConnection {
         })
     }
 
+    /// Whether `other` is this connection (a clone of it): commands sent on both arrive in order.
+    pub(crate) fn is_same(&self, other: &RedisConnection) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The endpoint, for logs (`host:port db N`, never credentials).
     pub fn endpoint(&self) -> &str {
         &self.inner.display

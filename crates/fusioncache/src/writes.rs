@@ -165,6 +165,10 @@ where
         op: DistributedOp,
     ) -> Result<(), StepError> {
         let key = hold.key();
+        #[cfg(feature = "redis")]
+        if let Some(done) = self.pipelined(key, &op).await {
+            return done;
+        }
         if let (Some(write), Some(l2)) = (&op.l2_write, &self.l2) {
             let written = match op.l2_hard_timeout {
                 Some(limit) => tokio::time::timeout(limit, l2.write(key, write, false))
@@ -231,6 +235,78 @@ where
             };
             let item = RecoveryItem::new(o.action, o.timestamp, None, true, o.expires_at_ms);
             self.queue_for_recovery(&o.key, item);
+        }
+    }
+
+    /// The L2 write and the notification of `op` as one Redis pipeline, when L2 and the backplane are
+    /// this crate's Redis transports on one connection (Redis runs them in order, so the L2-then-notify
+    /// order holds, and the notification costs no round trip of its own). `None` when that does not apply
+    /// (or a breaker is open): the two-step path runs instead. If the write fails while the notification
+    /// went out, the others just re-read what L2 holds; the change is queued and announced again once
+    /// it is written.
+    #[cfg(feature = "redis")]
+    async fn pipelined(
+        self: &Arc<Self>,
+        key: &str,
+        op: &DistributedOp,
+    ) -> Option<Result<(), StepError>> {
+        let (Some(write), Some(l2), Some(bp)) = (&op.l2_write, &self.l2, &self.backplane) else {
+            return None;
+        };
+        if !op.publish || !l2.is_usable() || !bp.is_usable() {
+            return None;
+        }
+        let store = l2.store().as_redis()?;
+        if !store
+            .connection()
+            .is_same(bp.backplane().as_redis()?.connection())
+        {
+            return None;
+        }
+        let payload = bp.encode(key, op.action, op.timestamp);
+        let value = match write {
+            L2Write::Set { bytes, ttl } => Some((bytes, *ttl)),
+            L2Write::Remove => None,
+        };
+        let call = store.write_and_publish(key, value, bp.channel(), &payload);
+        let replies = match op.l2_hard_timeout {
+            Some(limit) => tokio::time::timeout(limit, call)
+                .await
+                .unwrap_or(Err(L2Error::Timeout(limit))),
+            None => call.await,
+        };
+        let (written, published) = match replies {
+            Ok((written, published)) => (written, Some(published)),
+            Err(e) => (Err(e), None),
+        };
+        match l2.outcome(Some(key), written) {
+            Ok(((), recovered)) => {
+                if recovered {
+                    self.recovery.kick();
+                }
+            }
+            Err(error) => {
+                let item = RecoveryItem::new(
+                    op.action,
+                    op.timestamp,
+                    op.l2_write.clone(),
+                    true,
+                    op.expires_at_ms,
+                );
+                self.queue_for_recovery(key, item);
+                return Some(Err(StepError::L2(error)));
+            }
+        }
+        let published = published
+            .unwrap_or_else(|| Err("no reply".into()))
+            .map_err(crate::backplane::BackplaneError::Transport);
+        match bp.published(key, op.action, published) {
+            Ok(()) => Some(Ok(())),
+            Err(error) => {
+                let item = RecoveryItem::new(op.action, op.timestamp, None, true, op.expires_at_ms);
+                self.queue_for_recovery(key, item);
+                Some(Err(StepError::Backplane(error)))
+            }
         }
     }
 

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod apiserver;
+pub mod operator;
+
 use std::collections::BTreeMap;
 
 use fusioncache::config::FusionCacheConfig;
@@ -39,6 +42,19 @@ pub fn redis_with_admin() -> RedisServer {
         .unwrap();
     assert!(ok.starts_with("+OK"), "{ok}");
     redis
+}
+
+/// A redis-server whose `default` user has [`ADMIN_PASSWORD`] on its command line, so that the operator's
+/// admin survives a restart (ACL users created at run time do not: that is what the operator repairs).
+pub fn redis_with_password() -> RedisServer {
+    RedisServer::start_with_args(&["--requirepass", ADMIN_PASSWORD]).expect("redis-server starts")
+}
+
+/// Settings with the endpoint `main` on `redis`, administered as its `default` user.
+pub fn default_user_settings(redis: &RedisServer) -> Settings {
+    let mut s = settings(redis, ADMIN_PASSWORD);
+    s.redis_endpoints[0].admin_username = Some("default".into());
+    s
 }
 
 /// Settings with the endpoint `main` on `redis`, as the default.
@@ -94,8 +110,10 @@ pub fn provision(
         settings,
         redis_credentials: Lookup::NotReferenced,
         nats_credentials: Lookup::NotReferenced,
+        existing_config_map: None,
         existing_secret: existing,
         fresh_password: fusioncache_operator::acl::generate_password().unwrap(),
+        password_grace: std::time::Duration::from_secs(600),
         now: "2024-01-01T00:00:00Z".parse().unwrap(),
     };
     match plan(&inputs).unwrap() {

@@ -97,6 +97,10 @@ impl Fanout {
     }
 
     /// The live subscribers of `channel` (of every channel when `None`).
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "nats", feature = "testing")),
+        allow(dead_code)
+    )]
     pub fn subscribers(&self, channel: Option<&str>) -> Vec<Subscriber> {
         self.prune();
         let map = self.lock();
@@ -128,6 +132,10 @@ impl Fanout {
     }
 
     /// Delivers `event` (a connection change) to every subscription, without waiting.
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "nats", feature = "testing")),
+        allow(dead_code)
+    )]
     pub fn send_all(&self, event: BackplaneEvent) {
         for s in self.subscribers(None) {
             s.deliver(event.clone());

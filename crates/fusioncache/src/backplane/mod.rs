@@ -195,6 +195,13 @@ pub trait Backplane: Send + Sync + 'static {
         })
     }
 
+    /// This transport as the crate's Redis backplane, when it is one (see `DistributedCache::as_redis`).
+    #[cfg(feature = "redis")]
+    #[doc(hidden)]
+    fn as_redis(&self) -> Option<&redis::RedisBackplane> {
+        None
+    }
+
     /// Checks a channel name before use; the default accepts any.
     fn validate_channel(&self, channel: &str) -> Result<(), BackplaneError> {
         let _ = channel;

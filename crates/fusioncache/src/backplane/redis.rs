@@ -135,6 +135,50 @@ impl Backplane for RedisBackplane {
         })
     }
 
+    /// One pipeline of `PUBLISH`es on the shared connection: one write, one round trip for the batch.
+    fn publish_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        payloads: Vec<Bytes>,
+    ) -> BoxFuture<'a, Vec<Result<(), BackplaneError>>> {
+        Box::pin(async move {
+            let failed = |e: &redis::RedisError, n: usize| -> Vec<Result<(), BackplaneError>> {
+                (0..n)
+                    .map(|_| Err(BackplaneError::Transport(e.to_string())))
+                    .collect()
+            };
+            let mut conn = match self.connection.manager().await {
+                Ok(conn) => conn,
+                Err(e) => return failed(&e, payloads.len()),
+            };
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for payload in &payloads {
+                pipe.cmd("PUBLISH").arg(channel).arg(payload.as_ref());
+            }
+            match pipe
+                .query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn)
+                .await
+            {
+                Ok(replies) if replies.len() == payloads.len() => replies
+                    .into_iter()
+                    .map(|r| {
+                        r.map(|_| ())
+                            .map_err(|e| BackplaneError::Transport(e.to_string()))
+                    })
+                    .collect(),
+                Ok(_) => (0..payloads.len())
+                    .map(|_| Err(BackplaneError::Transport("short pipeline reply".into())))
+                    .collect(),
+                Err(e) => failed(&e, payloads.len()),
+            }
+        })
+    }
+
+    fn as_redis(&self) -> Option<&RedisBackplane> {
+        Some(self)
+    }
+
     fn transport_name(&self) -> &'static str {
         "redis"
     }

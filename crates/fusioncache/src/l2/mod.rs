@@ -51,6 +51,14 @@ pub trait DistributedCache: Send + Sync + 'static {
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error>;
     /// Removes `key`.
     async fn remove(&self, key: &str) -> Result<(), L2Error>;
+    /// This store as the crate's Redis L2, when it is one: the cache then sends a change's notification in
+    /// the same pipeline as its L2 write when its backplane uses the same connection.
+    #[cfg(feature = "redis")]
+    #[doc(hidden)]
+    fn as_redis(&self) -> Option<&redis::RedisDistributedCache> {
+        None
+    }
+
     /// The bytes stored at each of `keys`, in order (one round trip where the store allows it; the
     /// default reads them one by one).
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, L2Error> {

@@ -110,8 +110,61 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
+impl RedisDistributedCache {
+    /// The connection this store writes on.
+    pub(crate) fn connection(&self) -> &RedisConnection {
+        &self.connection
+    }
+
+    /// An L2 write (`SET … PX`, or `UNLINK` when `value` is `None`) and a `PUBLISH` of `payload` on
+    /// `channel`, as one pipeline on this store's connection: Redis runs them in that order, so a node
+    /// that receives the notification finds the write in place, and the notification costs no extra round
+    /// trip. Returns the outcome of each command; an `Err` in the outer result means the connection
+    /// failed (either may or may not have run).
+    pub(crate) async fn write_and_publish(
+        &self,
+        key: &str,
+        value: Option<(&Bytes, Duration)>,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<(Result<(), L2Error>, Result<(), String>), L2Error> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        match value {
+            Some((bytes, ttl)) => {
+                let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+                pipe.cmd("SET")
+                    .arg(self.key(key))
+                    .arg(bytes.as_ref())
+                    .arg("PX")
+                    .arg(ttl_ms);
+            }
+            None => {
+                pipe.cmd("UNLINK").arg(self.key(key));
+            }
+        }
+        pipe.cmd("PUBLISH").arg(channel).arg(payload);
+        let mut replies: Vec<redis::RedisResult<redis::Value>> =
+            pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let publish = replies.pop();
+        let write = replies.pop();
+        let (Some(write), Some(publish)) = (write, publish) else {
+            return Err(L2Error::Unavailable("short pipeline reply".into()));
+        };
+        Ok((
+            write.map(|_| ()).map_err(unavailable),
+            publish.map(|_| ()).map_err(|e| e.to_string()),
+        ))
+    }
+}
+
 #[async_trait::async_trait]
 impl DistributedCache for RedisDistributedCache {
+    fn as_redis(&self) -> Option<&RedisDistributedCache> {
+        Some(self)
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, L2Error> {
         let mut conn = self.conn().await?;
         redis::cmd("GET")
