@@ -89,6 +89,8 @@ async fn remote_change_racing_a_read(bus: Bus, remove: bool) {
     let (a, _) = servers.node().await;
     let (b, b_faults) = servers.node().await;
     a.set("k", s("v1")).await.unwrap();
+    // b has heard of that set before its read starts: the only notification it hears next is the race.
+    assert!(eventually(|| b.stats().backplane_received >= 1).await);
     let mut paused = b_faults.pause_next_read("k");
     let reader = {
         let b = b.clone();

@@ -9,7 +9,7 @@ use crate::transport::Transport;
 use crate::Failure;
 
 /// The reserved key of probes: a valid `set` for a key that no node holds, which every node ignores.
-pub const PROBE_KEY: &str = "__fc:probe";
+pub const PROBE_KEY: &str = fusioncache::backplane::PROBE_KEY;
 
 /// The source instance id of the probes: unique, so that no node takes them for its own.
 fn source_id() -> String {

@@ -34,7 +34,8 @@ use crate::l2::DistributedCache;
 use crate::options::EntryOptions;
 use crate::FusionCacheBuilder;
 
-/// A handle that sends notifications on a cache's channel (see the [module docs](self)).
+/// A publish-only handle: sends notifications on a cache's channel, with the L2 step first when an L2 is
+/// configured, without an L1 of its own and without listening to the channel.
 #[derive(Clone, Debug)]
 pub struct CacheNotifier {
     cache: FusionCache<()>,

@@ -296,7 +296,7 @@ pub struct CacheOptions {
     /// On backplane reconnection, mark every L1 entry stale (the node cannot know what it missed).
     pub mark_stale_on_reconnect: bool,
     /// While the backplane is disconnected, L1 entries older than this are revalidated against L2 (or the
-    /// factory) before they are served; L1 is still served when those fail.
+    /// factory) before they are served; when L2 fails too, they serve only as fail-safe fallbacks.
     pub disconnected_l1_max_age: Duration,
     /// The most distributed operations queued for auto-recovery (one per key, newest wins). When full,
     /// the items that expire soonest are dropped (and counted).

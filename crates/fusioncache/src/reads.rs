@@ -56,18 +56,12 @@ where
                 Ok(None)
             }
             L2Outcome::Failed(error) => match l1 {
-                // Not expired, only unverifiable: serve it.
-                L1Lookup::Stale {
-                    entry,
-                    expired: false,
-                } => {
-                    self.record_l1_hit(key);
-                    Ok(Some(entry.value))
-                }
-                L1Lookup::Stale {
-                    entry,
-                    expired: true,
-                } if options.fail_safe && entry.is_usable(Instant::now()) => {
+                // Unverifiable (the backplane is down, L2 fails): it may have changed anywhere since, so
+                // it is served only as a fail-safe fallback, like an expired one. Staleness then stays
+                // bounded by the time to notice the lost link, not by the length of the partition.
+                L1Lookup::Stale { entry, .. }
+                    if options.fail_safe && entry.is_usable(Instant::now()) =>
+                {
                     self.record_stale(key);
                     Ok(Some(entry.value))
                 }

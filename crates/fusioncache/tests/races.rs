@@ -84,6 +84,8 @@ async fn remote_change_racing_a_paused_read(remove: bool) {
     let (a, _) = node(&store, &bus).await;
     let (b, b_faults) = node(&store, &bus).await;
     a.set("k", s("v1")).await.unwrap();
+    // b has heard of that set before its read starts: the only notification it hears next is the race.
+    assert!(eventually(|| b.stats().backplane_received >= 1).await);
     let mut paused = b_faults.pause_next_read("k");
     let reader = {
         let b = b.clone();
