@@ -7,6 +7,7 @@
 #   make features                 the library alone: no optional feature, then each transport alone
 #   make msrv                     fails when a locked dependency needs a newer Rust than rust-version
 #   make bench                    benchmarks, printed as tables with ratios against raw baselines
+#   make bench-redis bench-nats RUNS=2 WAIT_QUIET=900   the transport benchmarks, twice, each on a quiet machine
 #   make crd                      regenerates manifests/crd.yaml (and the chart's copy) from the Rust types
 #   make install-manifest         regenerates manifests/install.yaml from the chart
 
@@ -15,7 +16,7 @@ BACKPLANE ?=
 L2 ?=
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps fmt-check clippy unit features msrv docs chart bench bench-engine bench-redis bench-nats crd install-manifest fuzz
+.PHONY: demo test deps fmt-check clippy unit features msrv docs chart bench bench-engine bench-redis bench-nats bench-transport-build profile-e2e crd install-manifest fuzz
 
 demo:
 	$(CARGO) run -q -p fusioncache --example demo -- $(BACKPLANE) $(L2)
@@ -58,14 +59,33 @@ bench: bench-engine bench-redis bench-nats
 bench-engine:
 	$(CARGO) bench -p fusioncache --bench engine
 
-# Latency benchmarks pin the server and the bench to different cores (see the README).
-bench-redis:
-	$(CARGO) build --release -p fusioncache-integration-tests --bin transport-bench
-	./target/release/transport-bench redis
+# The transport benchmarks pin the server(s) and the bench to different cores (see the README); each run
+# prints one markdown table. RUNS=2 runs it twice; WAIT_QUIET=SECONDS first waits (up to that long, before
+# each run) for the 1-minute load average to fall to 0.8. On a shared machine, e.g.
+# `make bench-redis bench-nats RUNS=2 WAIT_QUIET=900`.
+RUNS ?= 1
+WAIT_QUIET ?=
+TRANSPORT_BENCH = ./target/release/transport-bench
 
-bench-nats:
+bench-redis bench-nats: bench-transport-build
+	@for i in $$(seq $(RUNS)); do \
+	  $(TRANSPORT_BENCH) $(@:bench-%=%) $(if $(WAIT_QUIET),--wait-quiet $(WAIT_QUIET)) || exit 1; \
+	done
+
+bench-transport-build:
 	$(CARGO) build --release -p fusioncache-integration-tests --bin transport-bench
-	./target/release/transport-bench nats
+
+# Where the end-to-end throughput's time goes: perf (software cpu-clock event, DWARF call graphs) over the
+# timed fusioncache rounds only (TRANSPORT=redis|nats); the profile stays in target/perf-e2e.data.
+TRANSPORT ?= redis
+profile-e2e: bench-transport-build
+	rm -f target/perf-e2e.ctl && mkfifo target/perf-e2e.ctl
+	TRANSPORT_BENCH_PERF_CTL=target/perf-e2e.ctl perf record -q -e cpu-clock -F 1999 \
+	  --call-graph dwarf,16384 -D -1 --control fifo:target/perf-e2e.ctl -o target/perf-e2e.data \
+	  $(TRANSPORT_BENCH) $(TRANSPORT) --only-e2e
+	rm -f target/perf-e2e.ctl
+	perf report -i target/perf-e2e.data --no-children --sort dso,sym --percent-limit 0.7 --stdio -g none \
+	  2>/dev/null | grep -v '^$$' | head -60
 
 # Coverage-guided fuzzing of the message decoder (needs cargo-fuzz: `cargo install cargo-fuzz`).
 fuzz:
