@@ -16,7 +16,7 @@ BACKPLANE ?=
 L2 ?=
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps fmt-check clippy unit features msrv docs chart bench bench-engine bench-redis bench-nats bench-transport-build profile-e2e crd install-manifest fuzz
+.PHONY: demo test deps fmt-check clippy unit features msrv docs chart bench bench-engine bench-redis bench-nats crd install-manifest fuzz
 
 demo:
 	$(CARGO) run -q -p fusioncache --example demo -- $(BACKPLANE) $(L2)
@@ -66,6 +66,7 @@ bench-engine:
 RUNS ?= 1
 WAIT_QUIET ?=
 TRANSPORT_BENCH = ./target/release/transport-bench
+.PHONY: bench-transport-build profile-e2e
 
 bench-redis bench-nats: bench-transport-build
 	@for i in $$(seq $(RUNS)); do \
