@@ -8,6 +8,7 @@
 #   make features                 the library alone: no optional feature, then each transport alone
 #   make msrv                     fails when a locked dependency needs a newer Rust than rust-version
 #   make bench                    benchmarks, printed as tables with ratios against raw baselines
+#   make bench-redis bench-nats RUNS=2 WAIT_QUIET=900   the transport benchmarks, twice, each on a quiet machine
 #   make coherence                N node processes under faults: stale reads, lost writes, convergence (not in CI)
 #                                 COHERENCE_ARGS="--redis-url redis://… --nats-url nats://…" measures your servers
 #   make crd                      regenerates manifests/crd.yaml (and the chart's copy) from the Rust types
@@ -70,14 +71,34 @@ bench-engine:
 	$(CARGO) bench -p fusioncache --bench engine
 	$(CARGO) bench -p fusioncache --bench engine --features metrics
 
-# Latency benchmarks pin the server and the bench to different cores (see the README).
-bench-redis:
-	$(CARGO) build --release -p fusioncache-integration-tests --bin transport-bench
-	./target/release/transport-bench redis
+# The transport benchmarks pin the server(s) and the bench to different cores (see the README); each run
+# prints one markdown table. RUNS=2 runs it twice; WAIT_QUIET=SECONDS first waits (up to that long, before
+# each run) for the 1-minute load average to fall to 0.8. On a shared machine, e.g.
+# `make bench-redis bench-nats RUNS=2 WAIT_QUIET=900`.
+RUNS ?= 1
+WAIT_QUIET ?=
+TRANSPORT_BENCH = ./target/release/transport-bench
+.PHONY: bench-transport-build profile-e2e
 
-bench-nats:
+bench-redis bench-nats: bench-transport-build
+	@for i in $$(seq $(RUNS)); do \
+	  $(TRANSPORT_BENCH) $(@:bench-%=%) $(if $(WAIT_QUIET),--wait-quiet $(WAIT_QUIET)) || exit 1; \
+	done
+
+bench-transport-build:
 	$(CARGO) build --release -p fusioncache-integration-tests --bin transport-bench
-	./target/release/transport-bench nats
+
+# Where the end-to-end throughput's time goes: perf (software cpu-clock event, DWARF call graphs) over the
+# timed fusioncache rounds only (TRANSPORT=redis|nats); the profile stays in target/perf-e2e.data.
+TRANSPORT ?= redis
+profile-e2e: bench-transport-build
+	rm -f target/perf-e2e.ctl && mkfifo target/perf-e2e.ctl
+	TRANSPORT_BENCH_PERF_CTL=target/perf-e2e.ctl perf record -q -e cpu-clock -F 1999 \
+	  --call-graph dwarf,16384 -D -1 --control fifo:target/perf-e2e.ctl -o target/perf-e2e.data \
+	  $(TRANSPORT_BENCH) $(TRANSPORT) --only-e2e
+	rm -f target/perf-e2e.ctl
+	perf report -i target/perf-e2e.data --no-children --sort dso,sym --percent-limit 0.7 --stdio -g none \
+	  2>/dev/null | grep -v '^$$' | head -60
 
 # The coherence checker: every scenario on loopback servers (about 5 minutes), or yours with COHERENCE_ARGS.
 coherence:

@@ -1,7 +1,9 @@
 //! Transport benchmarks: fusioncache over a real `redis-server` / `nats-server`, printed as a markdown table
 //! next to raw client baselines measured in the same run.
 //!
-//! `make bench-redis` / `make bench-nats`, or `transport-bench <redis|nats>` on a release build.
+//! `make bench-redis` / `make bench-nats`, or `transport-bench <redis|nats> [--wait-quiet SECONDS]
+//! [--only-e2e]` on a release build (`--wait-quiet`: first wait, up to that long, for the 1-minute load
+//! average to fall to `QUIET_LOAD`; `--only-e2e`: only the end-to-end rows, e.g. under a profiler).
 //!
 //! Method (see issues 3 and 4):
 //! - the server is started by the testkit on a free loopback port (never the machine's 6379 / 4222);
@@ -11,7 +13,10 @@
 //! - fusioncache and its raw baseline run in alternating blocks (latency) or rounds (throughput), so both
 //!   see the same machine;
 //! - a node is used only once a probe message published on its channel has reached it (see `wait_live`);
-//! - every wait is bounded: a stuck server is an error, never a hang.
+//! - every wait is bounded: a stuck server is an error, never a hang;
+//! - rows whose label starts with `part:` time part of the path only (what they leave out is in the
+//!   label); `end to end:` rows go from node A's API to node B's L1, both nodes built as the README
+//!   builds them (Redis L2 + the backplane).
 
 use std::cell::Cell;
 use std::process::{Command, ExitCode};
@@ -67,20 +72,66 @@ fn main() -> ExitCode {
     // First thing: pin this process to core 0. Only the main thread exists yet; every thread created later
     // (the runtime's, its blocking pool's) inherits the mask.
     let self_pin = pin(std::process::id(), 0);
-    let transport = match std::env::args().nth(1).as_deref() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let transport = match args.first().map(String::as_str) {
         Some("redis") => Transport::Redis,
         Some("nats") => Transport::Nats,
-        _ => {
-            eprintln!("usage: transport-bench <redis|nats>");
-            return ExitCode::from(2);
-        }
+        _ => return usage(),
     };
-    match run(transport, self_pin) {
+    let (mut wait_quiet, mut only_e2e) = (None, false);
+    let mut rest = args[1..].iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--wait-quiet" => match rest.next().and_then(|s| s.parse().ok()) {
+                Some(secs) => wait_quiet = Some(Duration::from_secs(secs)),
+                None => return usage(),
+            },
+            "--only-e2e" => only_e2e = true,
+            _ => return usage(),
+        }
+    }
+    if let Some(limit) = wait_quiet {
+        wait_for_quiet(limit);
+    }
+    match run(transport, self_pin, only_e2e) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("transport-bench {}: error: {e}", transport.name());
             ExitCode::FAILURE
         }
+    }
+}
+
+fn usage() -> ExitCode {
+    eprintln!("usage: transport-bench <redis|nats> [--wait-quiet SECONDS] [--only-e2e]");
+    ExitCode::from(2)
+}
+
+/// The 1-minute load average above which the machine is not quiet (the figures are flagged).
+const QUIET_LOAD: f64 = 0.8;
+
+/// Waits (polling every 5 s) until the 1-minute load average is at most `QUIET_LOAD`, at most `limit`;
+/// then goes on either way (the table says whether the machine was quiet).
+fn wait_for_quiet(limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        match load_average() {
+            Ok(load) if load <= QUIET_LOAD => return,
+            Ok(load) if t0.elapsed() < limit => {
+                eprintln!(
+                    "transport-bench: 1-minute load average {load:.2} > {QUIET_LOAD}, waiting"
+                );
+            }
+            Ok(load) => {
+                eprintln!(
+                    "transport-bench: 1-minute load average still {load:.2} after {limit:?}, measuring \
+                     anyway"
+                );
+                return;
+            }
+            Err(_) => return, // the run itself reports it
+        }
+        std::thread::sleep(Duration::from_secs(5));
     }
 }
 
@@ -99,15 +150,15 @@ impl Transport {
     }
 }
 
-fn run(transport: Transport, self_pin: Result<(), String>) -> Res<()> {
+fn run(transport: Transport, self_pin: Result<(), String>, only_e2e: bool) -> Res<()> {
     let started = Instant::now();
     let mut notes = Vec::new();
     let load_before = load_average()?;
-    let quiet = load_before <= 1.0;
+    let quiet = load_before <= QUIET_LOAD;
     if !quiet {
         notes.push(format!(
-            "WARNING: 1-minute load average is {load_before:.2} (> 1.0) before measuring: the machine is \
-             not quiet (another build?), figures may be noisy"
+            "WARNING: 1-minute load average is {load_before:.2} (> {QUIET_LOAD}) before measuring: the \
+             machine is not quiet (another build?), figures may be noisy"
         ));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -123,7 +174,7 @@ fn run(transport: Transport, self_pin: Result<(), String>) -> Res<()> {
                 .pid()
                 .ok_or("redis-server exited right after it started")?;
             notes.push(pin_server("redis-server", pid));
-            rt.block_on(redis_bench(&server))?
+            rt.block_on(redis_bench(&server, only_e2e))?
         }
         Transport::Nats => {
             let server =
@@ -132,7 +183,14 @@ fn run(transport: Transport, self_pin: Result<(), String>) -> Res<()> {
                 .pid()
                 .ok_or("nats-server exited right after it started")?;
             notes.push(pin_server("nats-server", pid));
-            rt.block_on(nats_bench(&server))?
+            // The end-to-end rows' L2, on the servers' core too.
+            let redis =
+                RedisServer::start().map_err(|e| format!("cannot start redis-server: {e}"))?;
+            let redis_pid = redis
+                .pid()
+                .ok_or("redis-server exited right after it started")?;
+            notes.push(pin_server("redis-server", redis_pid));
+            rt.block_on(nats_bench(&server, &redis, only_e2e))?
         }
     };
     let load_after = load_average()?;
@@ -173,7 +231,8 @@ fn run(transport: Transport, self_pin: Result<(), String>) -> Res<()> {
             row.fusioncache,
             row.baseline,
             row.ratio.map_or("-".to_string(), |r| format!("{r:.2}x")),
-            row.goal.map_or(String::new(), |g| g.verdict(row.ratio)),
+            row.goal
+                .map_or(String::new(), |g| g.verdict(row.ratio, row.value)),
         );
     }
     println!();
@@ -198,6 +257,8 @@ struct Row {
     measure: String,
     fusioncache: String,
     baseline: String,
+    /// fusioncache's figure; `None` when it has none (it failed).
+    value: Option<f64>,
     /// fusioncache / baseline; `None` when fusioncache has no figure (it failed).
     ratio: Option<f64>,
     goal: Option<Goal>,
@@ -205,15 +266,20 @@ struct Row {
 
 #[derive(Debug, Clone, Copy)]
 enum Goal {
+    /// The ratio at most this.
     AtMost(f64),
+    /// The ratio at least this.
     AtLeast(f64),
+    /// fusioncache's own figure (a latency) at most this many microseconds, whatever the baseline.
+    MicrosAtMost(f64),
 }
 
 impl Goal {
-    fn verdict(self, ratio: Option<f64>) -> String {
+    fn verdict(self, ratio: Option<f64>, value: Option<f64>) -> String {
         let (text, met) = match self {
             Goal::AtMost(g) => (format!("<= {g:.2}x"), ratio.is_some_and(|r| r <= g)),
             Goal::AtLeast(g) => (format!(">= {g:.2}x"), ratio.is_some_and(|r| r >= g)),
+            Goal::MicrosAtMost(g) => (format!("<= {g:.0} µs"), value.is_some_and(|v| v <= g)),
         };
         format!("{text}: {}", if met { "met" } else { "MISSED" })
     }
@@ -235,9 +301,10 @@ fn median(values: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// The p50 and p99 rows of a latency pair (fusioncache, baseline); the goal applies to one of them.
+/// The p50 and p99 rows of a latency pair (fusioncache, baseline), labelled `{what} p50 (µs){vs}`.
 fn latency_rows(
     what: &str,
+    vs: &str,
     fc: &mut [Duration],
     base: &mut [Duration],
     p50_goal: Option<Goal>,
@@ -245,22 +312,17 @@ fn latency_rows(
 ) -> Vec<Row> {
     let (fc50, fc99) = percentiles(fc);
     let (b50, b99) = percentiles(base);
-    vec![
-        Row {
-            measure: format!("{what} p50 (µs)"),
-            fusioncache: format!("{fc50:.1}"),
-            baseline: format!("{b50:.1}"),
-            ratio: Some(fc50 / b50),
-            goal: p50_goal,
-        },
-        Row {
-            measure: format!("{what} p99 (µs)"),
-            fusioncache: format!("{fc99:.1}"),
-            baseline: format!("{b99:.1}"),
-            ratio: Some(fc99 / b99),
-            goal: p99_goal,
-        },
-    ]
+    [("p50", fc50, b50, p50_goal), ("p99", fc99, b99, p99_goal)]
+        .into_iter()
+        .map(|(p, f, b, goal)| Row {
+            measure: format!("{what} {p} (µs){vs}"),
+            fusioncache: format!("{f:.1}"),
+            baseline: format!("{b:.1}"),
+            value: Some(f),
+            ratio: Some(f / b),
+            goal,
+        })
+        .collect()
 }
 
 /// A fusioncache throughput round: msgs/s, or what went wrong.
@@ -273,9 +335,9 @@ fn throughput_row(what: &str, fc: &[FcRound], raw: &[f64]) -> (Row, Vec<String>)
     let r = median(raw);
     let rates: Vec<f64> = fc.iter().filter_map(|x| x.as_ref().ok().copied()).collect();
     let failures: Vec<&String> = fc.iter().filter_map(|x| x.as_ref().err()).collect();
-    let (fusioncache, ratio) = if failures.is_empty() {
+    let (fusioncache, value) = if failures.is_empty() {
         let f = median(&rates);
-        (format!("{f:.0}"), Some(f / r))
+        (format!("{f:.0}"), Some(f))
     } else {
         (
             format!("LOST MESSAGES in {} of {ROUNDS} rounds", failures.len()),
@@ -286,7 +348,8 @@ fn throughput_row(what: &str, fc: &[FcRound], raw: &[f64]) -> (Row, Vec<String>)
         measure: format!("{what} (msgs/s, median of {ROUNDS})"),
         fusioncache,
         baseline: format!("{r:.0}"),
-        ratio,
+        value,
+        ratio: value.map(|f| f / r),
         goal: Some(Goal::AtLeast(0.8)),
     };
     let mut details = vec![format!(
@@ -546,7 +609,12 @@ fn clock_ticks_per_second() -> f64 {
     })
 }
 
-/// CPU use of the bench and of the server over the timed throughput rounds of one side.
+/// CPU time of all the servers (their sum), in seconds.
+fn servers_cpu_seconds(servers: &[u32]) -> Option<f64> {
+    servers.iter().map(|pid| cpu_seconds(*pid)).sum()
+}
+
+/// CPU use of the bench and of the server(s) over the timed throughput rounds of one side.
 #[derive(Default)]
 struct CpuUse {
     wall: f64,
@@ -556,18 +624,18 @@ struct CpuUse {
 
 impl CpuUse {
     /// Starts measuring one round.
-    fn start(server_pid: u32) -> (Instant, Option<f64>, Option<f64>) {
+    fn start(servers: &[u32]) -> (Instant, Option<f64>, Option<f64>) {
         (
             Instant::now(),
             cpu_seconds(std::process::id()),
-            cpu_seconds(server_pid),
+            servers_cpu_seconds(servers),
         )
     }
 
-    fn add(&mut self, server_pid: u32, start: (Instant, Option<f64>, Option<f64>)) {
+    fn add(&mut self, servers: &[u32], start: (Instant, Option<f64>, Option<f64>)) {
         let (t0, bench0, server0) = start;
         let bench1 = cpu_seconds(std::process::id());
-        let server1 = cpu_seconds(server_pid);
+        let server1 = servers_cpu_seconds(servers);
         self.wall += t0.elapsed().as_secs_f64();
         self.bench += bench1.zip(bench0).map_or(f64::NAN, |(b, a)| b - a);
         self.server += server1.zip(server0).map_or(f64::NAN, |(b, a)| b - a);
@@ -575,7 +643,7 @@ impl CpuUse {
 
     fn describe(&self) -> String {
         format!(
-            "bench process {:.0}% of its core, server {:.0}% of its core",
+            "bench process {:.0}% of its core, server(s) {:.0}% of core 1",
             100.0 * self.bench / self.wall,
             100.0 * self.server / self.wall
         )
@@ -592,8 +660,10 @@ fn cpu_detail(raw: &CpuUse, fc: &CpuUse) -> String {
 
 /// One timed operation of a latency measure.
 trait Probe {
-    /// Runs one iteration and returns its timed part.
-    async fn once(&mut self) -> Res<Duration>;
+    /// What one iteration measures.
+    type Sample;
+    /// Runs one iteration and returns its timed part(s).
+    async fn once(&mut self) -> Res<Self::Sample>;
     /// Called after every block, outside the timed sections: lets background work finish.
     async fn quiesce(&mut self) -> Res<()> {
         Ok(())
@@ -601,10 +671,10 @@ trait Probe {
 }
 
 /// Warms both up, then measures `ITERATIONS` of each in alternating blocks (the order flips every block).
-async fn interleaved(
-    fc: &mut impl Probe,
-    base: &mut impl Probe,
-) -> Res<(Vec<Duration>, Vec<Duration>)> {
+async fn interleaved<F: Probe, B: Probe>(
+    fc: &mut F,
+    base: &mut B,
+) -> Res<(Vec<F::Sample>, Vec<B::Sample>)> {
     for _ in 0..WARMUP {
         fc.once().await?;
     }
@@ -695,17 +765,37 @@ impl Propagation {
     }
 }
 
+/// One write seen end to end (fusioncache: A's `set` → B's L1; raw: SET, PUBLISH → subscriber).
+#[derive(Debug, Clone, Copy)]
+struct E2eSample {
+    /// From the call to its return (raw: the SET and the PUBLISH both answered).
+    call_to_return: Duration,
+    /// From the call's return to B no longer holding the old value (raw: from the PUBLISH sent to its
+    /// receipt).
+    lag: Duration,
+    /// From the call to B no longer holding the old value (raw: to the subscriber's receipt).
+    call_to_b: Duration,
+}
+
+/// The samples' `part`, as its own vector.
+fn part(samples: &[E2eSample], part: fn(&E2eSample) -> Duration) -> Vec<Duration> {
+    samples.iter().map(part).collect()
+}
+
 impl Probe for Propagation {
-    async fn once(&mut self) -> Res<Duration> {
+    type Sample = E2eSample;
+
+    async fn once(&mut self) -> Res<E2eSample> {
         self.seq += 1;
         let new = value(self.seq);
+        let t0 = Instant::now();
         self.a
             .set(KEY, new.clone())
             .await
             .map_err(|e| format!("node A set: {e}"))?;
-        let t0 = Instant::now();
+        let returned = Instant::now();
         while self.b.peek(KEY).as_ref() == Some(&self.current) {
-            if t0.elapsed() > STEP_TIMEOUT {
+            if returned.elapsed() > STEP_TIMEOUT {
                 return Err(format!(
                     "node B still holds the old value {STEP_TIMEOUT:?} after node A's set"
                 )
@@ -713,7 +803,12 @@ impl Probe for Propagation {
             }
             tokio::task::yield_now().await;
         }
-        let elapsed = t0.elapsed();
+        let seen = Instant::now();
+        let sample = E2eSample {
+            call_to_return: returned - t0,
+            lag: seen - returned,
+            call_to_b: seen - t0,
+        };
         self.a_sets += 1;
 
         // Untimed: B holds the new value again, and A's own notification has come back.
@@ -735,7 +830,7 @@ impl Probe for Propagation {
         }
         self.wait_for_echo().await?;
         self.current = new;
-        Ok(elapsed)
+        Ok(sample)
     }
 }
 
@@ -764,6 +859,8 @@ struct RawRedisLatency {
 }
 
 impl Probe for RawRedisLatency {
+    type Sample = Duration;
+
     async fn once(&mut self) -> Res<Duration> {
         let Self {
             conn,
@@ -813,6 +910,8 @@ impl SetProbe {
 }
 
 impl Probe for SetProbe {
+    type Sample = Duration;
+
     async fn once(&mut self) -> Res<Duration> {
         self.seq += 1;
         let key = &self.keys[(self.seq % self.keys.len() as u64) as usize];
@@ -852,12 +951,13 @@ async fn set_rows(url: &str, spaced: bool) -> Res<Vec<Row>> {
     )
     .await?;
     let what = if spaced {
-        "`set`, spaced (backplane on vs off)"
+        "part: A's `set` alone, spaced (backplane on vs off)"
     } else {
-        "`set`, back-to-back (backplane on vs off)"
+        "part: A's `set` alone, back-to-back (backplane on vs off)"
     };
     let mut rows = latency_rows(
         what,
+        "",
         &mut with_bp,
         &mut without_bp,
         Some(Goal::AtMost(1.1)),
@@ -930,7 +1030,7 @@ trait Bus {
     /// The raw side's subscription.
     type Sub: futures_util::Stream + Unpin;
     /// The raw propagation baseline.
-    type RawLatency: Probe;
+    type RawLatency: Probe<Sample = Duration>;
 
     /// What the server counts now (see `IDLE`).
     async fn count(&mut self) -> Res<u64>;
@@ -973,7 +1073,7 @@ async fn propagation<B: Bus>(
     rows: &mut Vec<Row>,
     details: &mut Vec<String>,
 ) -> Res<()> {
-    let (mut fc, mut raw) = {
+    let (fc, mut raw) = {
         let a = bus.node("bench").await?;
         let b = bus.node("bench").await?;
         ready(&a, "node A").await?;
@@ -989,8 +1089,13 @@ async fn propagation<B: Bus>(
         interleaved(&mut prop, &mut base).await?
     };
     rows.extend(latency_rows(
-        "propagation",
-        &mut fc,
+        if B::REFILL_LOCALLY {
+            "part: propagation from A's `set` returned to B's L1 (no L2)"
+        } else {
+            "part: propagation from A's `set` returned to B's L1"
+        },
+        "",
+        &mut part(&fc, |s| s.lag),
         &mut raw,
         None,
         Some(Goal::AtMost(2.0)),
@@ -1021,7 +1126,7 @@ async fn throughput_rounds<B: Bus>(
         }
         let what = format!("{} throughput", B::RAW);
         let counted = Cell::new(0u64);
-        let cpu = CpuUse::start(server_pid);
+        let cpu = CpuUse::start(&[server_pid]);
         let t0 = Instant::now();
         let (published, (count, done)) = within(ROUND_TIMEOUT, &what, async {
             tokio::join!(bus.publish_all(payloads, || counted.get()), async {
@@ -1048,7 +1153,7 @@ async fn throughput_rounds<B: Bus>(
         }
         if keep {
             raw_rates.push(rate(t0, done));
-            raw_cpu.add(server_pid, cpu);
+            raw_cpu.add(&[server_pid], cpu);
         }
         drop(sub);
 
@@ -1061,12 +1166,12 @@ async fn throughput_rounds<B: Bus>(
         }
         wait_live(bus.publisher(), &[&node], liveness).await?;
         let base = node.stats().backplane_received;
-        let cpu = CpuUse::start(server_pid);
+        let cpu = CpuUse::start(&[server_pid]);
         let t0 = Instant::now();
         let (published, (applied, done)) = within(ROUND_TIMEOUT, "fusioncache throughput", async {
             tokio::join!(
                 bus.publish_all(payloads, || node.stats().backplane_received - base),
-                count_applied(&node, base)
+                count_applied(&node, base, THROUGHPUT_MESSAGES as u64)
             )
         })
         .await?;
@@ -1074,11 +1179,15 @@ async fn throughput_rounds<B: Bus>(
         check_applied(&node)?;
         if keep {
             fc_rates.push(fc_outcome(&node, applied, t0, done));
-            fc_cpu.add(server_pid, cpu);
+            fc_cpu.add(&[server_pid], cpu);
         }
         drop(node);
     }
-    let (row, more) = throughput_row("notifications applied", &fc_rates, &raw_rates);
+    let (row, more) = throughput_row(
+        "part: B applies raw-published Remove messages (no L2 work, A not in it)",
+        &fc_rates,
+        &raw_rates,
+    );
     rows.push(row);
     details.extend(more);
     details.push(cpu_detail(&raw_cpu, &fc_cpu));
@@ -1169,7 +1278,8 @@ impl Bus for RedisBus<'_> {
     }
 }
 
-async fn redis_bench(server: &RedisServer) -> Res<Report> {
+/// Every Redis row (only the end-to-end ones when `only_e2e`).
+async fn redis_bench(server: &RedisServer, only_e2e: bool) -> Res<Report> {
     let url = server.url();
     let client =
         redis::Client::open(url.as_str()).map_err(|e| format!("invalid redis url {url}: {e}"))?;
@@ -1203,36 +1313,42 @@ async fn redis_bench(server: &RedisServer) -> Res<Report> {
         channel: channel_name(None, Some(THROUGHPUT_NODE)),
     };
 
-    // 1. Propagation latency.
-    propagation(&mut bus, &mut liveness, &mut rows, &mut details).await?;
+    if !only_e2e {
+        // 1. Propagation latency.
+        propagation(&mut bus, &mut liveness, &mut rows, &mut details).await?;
 
-    // 2. Notifications applied per second.
-    let payloads = removal_payloads(THROUGHPUT_MESSAGES);
-    throughput_rounds(
-        &mut bus,
-        server_pid,
-        &payloads,
-        &mut liveness,
-        &mut rows,
-        &mut details,
-    )
-    .await?;
-    details.push(format!(
+        // 2. Notifications applied per second.
+        let payloads = removal_payloads(THROUGHPUT_MESSAGES);
+        throughput_rounds(
+            &mut bus,
+            server_pid,
+            &payloads,
+            &mut liveness,
+            &mut rows,
+            &mut details,
+        )
+        .await?;
+        details.push(format!(
         "throughput: valid Remove messages on distinct keys from a foreign source id, PUBLISHed from a raw \
          MultiplexedConnection in pipelines of {PIPELINE}, at most {WINDOW} published and not yet counted; \
          fusioncache counts via stats().backplane_received (polled every ~1 ms), raw counts on a PubSub stream"
     ));
 
-    // 3. set latency with the backplane on and off.
-    rows.extend(set_rows(&url, false).await?);
-    rows.extend(set_rows(&url, true).await?);
-    details.push(format!(
+        // 3. set latency with the backplane on and off.
+        rows.extend(set_rows(&url, false).await?);
+        rows.extend(set_rows(&url, true).await?);
+        details.push(format!(
         "set: L2 (Redis) + RedisBackplane vs L2 only (one connection per node), default entry options \
          (the notification is sent in the background), {ITERATIONS} sets per side in alternating blocks of \
          {BLOCK}, 100 keys, 48-byte values; back-to-back = each set starts as soon as the previous one \
          returned, spaced = each set starts once the previous set's notification came back to the node \
          (untimed wait; the L2-only node has nothing to wait for)"
     ));
+    }
+
+    // 4. End to end: A's API -> B's L1.
+    let mut env = EndToEnd::new(&url, Wire::Redis, vec![server_pid]).await?;
+    end_to_end(&mut env, &mut liveness, &mut rows, &mut details).await?;
 
     Ok(Report {
         server: format!(
@@ -1245,10 +1361,9 @@ async fn redis_bench(server: &RedisServer) -> Res<Report> {
     })
 }
 
-/// Polls the node's counters (every ~1 ms) until it applied `THROUGHPUT_MESSAGES` more messages, or until
-/// it made no progress for `STALL`; returns how many it applied and when the last one was seen.
-async fn count_applied(node: &FusionCache<String>, base: u64) -> (u64, Instant) {
-    let want = THROUGHPUT_MESSAGES as u64;
+/// Polls the node's counters (every ~1 ms) until it applied `want` more messages, or until it made no
+/// progress for `STALL`; returns how many it applied and when the last one was seen.
+async fn count_applied(node: &FusionCache<String>, base: u64, want: u64) -> (u64, Instant) {
     let (mut seen, mut at) = (0, Instant::now());
     loop {
         let applied = node.stats().backplane_received - base;
@@ -1307,7 +1422,8 @@ async fn nats_connect(url: &str) -> Res<async_nats::Client> {
         .map_err(|e| format!("cannot connect to NATS at {url}: {e}").into())
 }
 
-async fn nats_node(url: &str, name: &str) -> Res<FusionCache<String>> {
+/// A node on the NATS backplane at `url`, with a Redis L2 at `l2` if given.
+async fn nats_node(url: &str, name: &str, l2: Option<&str>) -> Res<FusionCache<String>> {
     let backplane = within(
         CONNECT_TIMEOUT,
         "a NATS backplane",
@@ -1315,10 +1431,15 @@ async fn nats_node(url: &str, name: &str) -> Res<FusionCache<String>> {
     )
     .await?
     .map_err(|e| format!("NATS backplane at {url}: {e}"))?;
-    FusionCache::builder()
+    let mut builder = FusionCache::builder()
         .name(name)
         .default_entry_options(entry_options())
-        .backplane(backplane)
+        .backplane(backplane);
+    if let Some(l2) = l2 {
+        let conn = RedisConnection::open(l2).map_err(|e| format!("invalid redis url {l2}: {e}"))?;
+        builder = builder.distributed_cache(RedisDistributedCache::new(conn));
+    }
+    builder
         .build()
         .map_err(|e| format!("cannot build cache {name}: {e}").into())
 }
@@ -1334,6 +1455,8 @@ struct RawNatsLatency {
 }
 
 impl Probe for RawNatsLatency {
+    type Sample = Duration;
+
     async fn once(&mut self) -> Res<Duration> {
         let Self {
             publisher,
@@ -1459,7 +1582,7 @@ impl Bus for NatsBus<'_> {
     }
 
     async fn node(&self, name: &str) -> Res<FusionCache<String>> {
-        nats_node(self.url, name).await
+        nats_node(self.url, name, None).await
     }
 
     async fn raw_latency(&mut self) -> Res<Self::RawLatency> {
@@ -1499,7 +1622,8 @@ impl Bus for NatsBus<'_> {
     }
 }
 
-async fn nats_bench(server: &NatsServer) -> Res<Report> {
+/// Every NATS row (only the end-to-end ones when `only_e2e`).
+async fn nats_bench(server: &NatsServer, redis: &RedisServer, only_e2e: bool) -> Res<Report> {
     let url = server.url();
     let server_pid = server.pid().ok_or("nats-server is not running")?;
     let mut rows = Vec::new();
@@ -1515,36 +1639,716 @@ async fn nats_bench(server: &NatsServer) -> Res<Report> {
         subject: Subject::from(channel_name(None, Some(THROUGHPUT_NODE))),
     };
 
-    // 1. Propagation latency.
-    propagation(&mut bus, &mut liveness, &mut rows, &mut details).await?;
+    if !only_e2e {
+        // 1. Propagation latency.
+        propagation(&mut bus, &mut liveness, &mut rows, &mut details).await?;
 
-    // 2. Notifications applied per second.
-    let payloads = removal_payloads(THROUGHPUT_MESSAGES);
-    // The propagation nodes and the raw subscriber are gone: only the publisher stays connected.
-    wait_count(&mut bus, 1).await?;
-    throughput_rounds(
-        &mut bus,
-        server_pid,
-        &payloads,
-        &mut liveness,
-        &mut rows,
-        &mut details,
-    )
-    .await?;
-    details.push(format!(
+        // 2. Notifications applied per second.
+        let payloads = removal_payloads(THROUGHPUT_MESSAGES);
+        // The propagation nodes and the raw subscriber are gone: only the publisher stays connected.
+        wait_count(&mut bus, 1).await?;
+        throughput_rounds(
+            &mut bus,
+            server_pid,
+            &payloads,
+            &mut liveness,
+            &mut rows,
+            &mut details,
+        )
+        .await?;
+        details.push(format!(
         "throughput: valid Remove messages on distinct keys from a foreign source id, published from a raw \
          async-nats client with a flush every {PIPELINE}, at most {WINDOW} published and not yet counted; \
          fusioncache counts via stats().backplane_received (polled every ~1 ms), raw counts \
          subscriber.next() on its own connection"
     ));
+    }
+
+    // 3. End to end: A's API -> B's L1, with a Redis L2.
+    let redis_pid = redis.pid().ok_or("redis-server is not running")?;
+    let wire = Wire::Nats { url: url.clone() };
+    let mut env = EndToEnd::new(&redis.url(), wire, vec![server_pid, redis_pid]).await?;
+    end_to_end(&mut env, &mut liveness, &mut rows, &mut details).await?;
 
     Ok(Report {
         server: format!(
-            "nats-server {version} at {url} (pid {})",
-            server.pid().unwrap_or(0)
+            "nats-server {version} at {url} (pid {server_pid}); the end-to-end rows' L2: redis-server at \
+             {} (pid {redis_pid})",
+            redis.url()
         ),
         rows,
         notes: liveness.note().into_iter().collect(),
         details,
     })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// End to end: node A's API -> node B's L1, both nodes built as the README builds them (Redis L2 + the
+// backplane under test), against raw clients doing the same work by hand.
+
+/// Writes per end-to-end throughput round, on distinct keys (well below the L1's default capacity of
+/// 100 000 entries, so that B holds every key).
+const E2E_MESSAGES: usize = 50_000;
+/// Writers in flight on node A, and on the raw publishers.
+const IN_FLIGHT: usize = 256;
+/// The cache name of the end-to-end nodes (it names their channel).
+const E2E_NODE: &str = "benche2e";
+/// The raw end-to-end channel (no cache listens on it).
+const RAW_E2E_CHANNEL: &str = "rawbench.e2e";
+/// The key of the raw end-to-end latency baseline.
+const RAW_E2E_KEY: &str = "rawbench:e2e:latency";
+
+/// A raw publishing handle; each writer clones it.
+#[derive(Clone)]
+enum RawPub {
+    /// redis-rs PUBLISH on a multiplexed connection, awaited (one round trip; concurrent callers share
+    /// the connection, so their commands pipeline).
+    Redis(redis::aio::MultiplexedConnection),
+    /// async-nats publish, awaited: queued to the client's connection task, which writes it out (no
+    /// flush per message).
+    Nats(async_nats::Client),
+}
+
+impl RawPub {
+    async fn publish(&mut self, channel: &'static str, payload: Bytes) -> Res<()> {
+        match self {
+            RawPub::Redis(conn) => {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(payload.as_ref())
+                    .query_async::<i64>(conn)
+                    .await
+                    .map_err(|e| format!("raw PUBLISH: {e}"))?;
+            }
+            RawPub::Nats(client) => client
+                .publish(channel, payload)
+                .await
+                .map_err(|e| format!("raw NATS publish: {e}"))?,
+        }
+        Ok(())
+    }
+}
+
+/// A raw subscription, one item per message received.
+type RawSub = std::pin::Pin<Box<dyn futures_util::Stream<Item = ()>>>;
+
+/// The backplane of the end-to-end nodes (their L2 is always Redis).
+enum Wire {
+    Redis,
+    Nats { url: String },
+}
+
+/// What the end-to-end measures use: the servers, and the raw clients (one Redis connection for the raw
+/// SETs and, on Redis, PUBLISHes; one NATS client on NATS).
+struct EndToEnd {
+    redis_url: String,
+    redis_client: redis::Client,
+    /// The raw side's Redis connection (SET; PUBLISH on Redis).
+    l2: redis::aio::MultiplexedConnection,
+    /// The raw side's publisher (a clone of `l2` on Redis).
+    publisher: RawPub,
+    wire: Wire,
+    /// Every server process (their CPU time is reported).
+    servers: Vec<u32>,
+}
+
+impl EndToEnd {
+    async fn new(redis_url: &str, wire: Wire, servers: Vec<u32>) -> Res<Self> {
+        let redis_client = redis::Client::open(redis_url)
+            .map_err(|e| format!("invalid redis url {redis_url}: {e}"))?;
+        let l2 = within(
+            CONNECT_TIMEOUT,
+            "a redis connection",
+            redis_client.get_multiplexed_async_connection(),
+        )
+        .await?
+        .map_err(|e| format!("cannot connect to redis at {redis_url}: {e}"))?;
+        let publisher = match &wire {
+            Wire::Redis => RawPub::Redis(l2.clone()),
+            Wire::Nats { url } => RawPub::Nats(nats_connect(url).await?),
+        };
+        Ok(Self {
+            redis_url: redis_url.to_string(),
+            redis_client,
+            l2,
+            publisher,
+            wire,
+            servers,
+        })
+    }
+
+    /// A node as the README builds one: Redis L2 plus the backplane, one Redis connection for both.
+    async fn node(&self) -> Res<FusionCache<String>> {
+        match &self.wire {
+            Wire::Redis => redis_node(&self.redis_url, E2E_NODE, true),
+            Wire::Nats { url } => nats_node(url, E2E_NODE, Some(&self.redis_url)).await,
+        }
+    }
+
+    /// A raw subscription on `channel`, on its own connection, live on the server when this returns.
+    async fn raw_subscribe(&self, channel: &str) -> Res<RawSub> {
+        match &self.wire {
+            Wire::Redis => {
+                let client = &self.redis_client;
+                let mut pubsub = within(CONNECT_TIMEOUT, "a redis pub/sub connection", async {
+                    client.get_async_pubsub().await
+                })
+                .await?
+                .map_err(|e| format!("redis pub/sub connection: {e}"))?;
+                pubsub
+                    .subscribe(channel)
+                    .await
+                    .map_err(|e| format!("SUBSCRIBE: {e}"))?;
+                Ok(Box::pin(pubsub.into_on_message().map(|_| ())))
+            }
+            Wire::Nats { url } => {
+                let client = nats_connect(url).await?;
+                let subscriber = client
+                    .subscribe(channel.to_string())
+                    .await
+                    .map_err(|e| format!("NATS subscribe: {e}"))?;
+                client
+                    .flush()
+                    .await
+                    .map_err(|e| format!("NATS flush: {e}"))?;
+                let sub = NatsSub {
+                    subscriber,
+                    _client: client,
+                };
+                Ok(Box::pin(sub.map(|_| ())))
+            }
+        }
+    }
+
+    /// The probe publisher of `wait_live`.
+    fn probe_publisher(&mut self) -> RawPublisher<'_> {
+        match &self.publisher {
+            RawPub::Redis(_) => RawPublisher::Redis(&mut self.l2),
+            RawPub::Nats(client) => RawPublisher::Nats(client),
+        }
+    }
+
+    /// What the raw side's PUBLISH is, for labels.
+    fn raw_publish(&self) -> &'static str {
+        match self.wire {
+            Wire::Redis => "PUBLISH",
+            Wire::Nats { .. } => "NATS publish",
+        }
+    }
+}
+
+/// The raw end-to-end latency baseline: one awaited SET, then one awaited publish, received by a
+/// subscriber on its own connection.
+struct RawEndToEnd {
+    l2: redis::aio::MultiplexedConnection,
+    publisher: RawPub,
+    sub: RawSub,
+    payload: Bytes,
+    seq: u64,
+}
+
+impl Probe for RawEndToEnd {
+    type Sample = E2eSample;
+
+    async fn once(&mut self) -> Res<E2eSample> {
+        self.seq += 1;
+        let v = value(self.seq);
+        let Self {
+            l2,
+            publisher,
+            sub,
+            payload,
+            ..
+        } = self;
+        let mut set = redis::cmd("SET");
+        set.arg(RAW_E2E_KEY).arg(v.as_bytes());
+        let t0 = Instant::now();
+        let (written, (received, at)) =
+            within(STEP_TIMEOUT, "a raw SET + publish to arrive", async {
+                tokio::join!(
+                    async {
+                        set.query_async::<()>(&mut *l2)
+                            .await
+                            .map_err(|e| format!("raw SET: {e}"))?;
+                        let sent = Instant::now();
+                        publisher.publish(RAW_E2E_CHANNEL, payload.clone()).await?;
+                        Ok::<_, BoxError>((sent, Instant::now()))
+                    },
+                    async { (sub.next().await.is_some(), Instant::now()) }
+                )
+            })
+            .await?;
+        let (sent, returned) = written?;
+        if !received {
+            return Err("raw end-to-end subscription ended".into());
+        }
+        Ok(E2eSample {
+            call_to_return: returned - t0,
+            lag: at.saturating_duration_since(sent),
+            call_to_b: at - t0,
+        })
+    }
+}
+
+/// The end-to-end rows: latency (A's `set` seen from B) then throughput (A's `set` with `IN_FLIGHT` callers,
+/// applied on B), each against raw clients doing the same by hand in the same run.
+async fn end_to_end(
+    env: &mut EndToEnd,
+    liveness: &mut Liveness,
+    rows: &mut Vec<Row>,
+    details: &mut Vec<String>,
+) -> Res<()> {
+    let a = env.node().await?;
+    let b = env.node().await?;
+    ready(&a, "end-to-end node A").await?;
+    ready(&b, "end-to-end node B").await?;
+    wait_live(env.probe_publisher(), &[&a, &b], liveness).await?;
+
+    // Latency.
+    let mut prop = Propagation::new(a, b, false).await?;
+    let mut raw = RawEndToEnd {
+        l2: env.l2.clone(),
+        publisher: env.publisher.clone(),
+        sub: env.raw_subscribe(RAW_E2E_CHANNEL).await?,
+        payload: sample_payload(),
+        seq: 0,
+    };
+    let (fc, base) = interleaved(&mut prop, &mut raw).await?;
+    let publish = env.raw_publish();
+    rows.extend(latency_rows(
+        "end to end: from A's `set` returning to B no longer holding the old value",
+        &format!("; raw: {publish} sent → received"),
+        &mut part(&fc, |s| s.lag),
+        &mut part(&base, |s| s.lag),
+        Some(Goal::MicrosAtMost(30.0)),
+        None,
+    ));
+    rows.extend(latency_rows(
+        "end to end: A's `set` (L2 write + notification), call → return",
+        &format!("; raw: SET awaited, then {publish} awaited"),
+        &mut part(&fc, |s| s.call_to_return),
+        &mut part(&base, |s| s.call_to_return),
+        Some(Goal::AtMost(1.2)),
+        Some(Goal::AtMost(1.2)),
+    ));
+    rows.extend(latency_rows(
+        "end to end: from A's `set` call to B no longer holding the old value",
+        &format!("; raw: SET → {publish} → subscriber receives"),
+        &mut part(&fc, |s| s.call_to_b),
+        &mut part(&base, |s| s.call_to_b),
+        Some(Goal::AtMost(1.2)),
+        Some(Goal::AtMost(1.2)),
+    ));
+    details.push(format!(
+        "end-to-end latency: {ITERATIONS} iterations per side after {WARMUP} of warm-up, blocks of {BLOCK} \
+         alternating; nodes A and B built as the README does (Redis L2 + backplane, one Redis connection \
+         per node, default entry options but a 10-minute duration); B holds the key; each iteration A.set \
+         a new 48-byte value, then polls B.peek (yielding) until it no longer returns the old value (B \
+         marks it stale on the notification); untimed between iterations: B refreshed from L2 and A's own \
+         notification came back. raw = redis-rs SET of a 48-byte value awaited, then {publish} of a \
+         {}-byte FusionCache message awaited, received by a subscriber on its own connection",
+        raw.payload.len()
+    ));
+    drop(raw);
+    let Propagation { a, b, .. } = prop;
+
+    // Throughput.
+    e2e_throughput(env, &a, &b, rows, details).await
+}
+
+/// Runs `write(i)` for every `i` in `0..n`, `IN_FLIGHT` at a time; a writer waits before it starts while
+/// more than `WINDOW` writes are not yet `consumed`. Fails on the first error, or when the consumer made
+/// no progress for `STALL` (messages were lost). Returns when the last write returned.
+async fn in_flight<Fut>(
+    n: usize,
+    consumed: impl Fn() -> u64,
+    write: impl Fn(usize) -> Fut,
+) -> Res<Instant>
+where
+    Fut: std::future::Future<Output = Res<()>>,
+{
+    use futures_util::TryStreamExt;
+    let issued = Cell::new(0u64);
+    let (consumed, write, issued) = (&consumed, &write, &issued);
+    futures_util::stream::iter((0..n).map(Ok::<usize, BoxError>))
+        .try_for_each_concurrent(IN_FLIGHT, |i| async move {
+            let sent = issued.get();
+            issued.set(sent + 1);
+            if !wait_for_window(sent, consumed).await {
+                return Err(format!(
+                    "the consumer made no progress for {STALL:?} with {sent} of {n} writes issued and \
+                     {} consumed: messages were lost",
+                    consumed()
+                )
+                .into());
+            }
+            write(i).await
+        })
+        .await?;
+    Ok(Instant::now())
+}
+
+/// Counts `want` messages on `sub`; fails when it ends or is silent for `STALL`. Returns when the last
+/// one arrived, and publishes the count in `counted` as it goes.
+async fn count_received(sub: &mut RawSub, want: usize, counted: &Cell<u64>) -> Res<Instant> {
+    let mut n = 0;
+    while n < want {
+        match tokio::time::timeout(STALL, sub.next()).await {
+            Ok(Some(())) => {
+                n += 1;
+                counted.set(n as u64);
+            }
+            Ok(None) => return Err(format!("raw subscription ended after {n} of {want}").into()),
+            Err(_) => {
+                return Err(format!(
+                    "raw subscriber: {n} of {want} messages received, then nothing for {STALL:?}: \
+                     the baseline lost messages"
+                )
+                .into())
+            }
+        }
+    }
+    Ok(Instant::now())
+}
+
+/// One raw end-to-end throughput round: `IN_FLIGHT` writers publish `payloads` (each after an awaited SET of
+/// its own key when `set_keys` is given); a raw subscriber counts them. Returns the rate received.
+async fn raw_e2e_round(
+    env: &EndToEnd,
+    payloads: &[Bytes],
+    set_keys: Option<&[String]>,
+    cpu: Option<&mut CpuUse>,
+) -> Res<f64> {
+    let mut sub = env.raw_subscribe(RAW_E2E_CHANNEL).await?;
+    let counted = Cell::new(0u64);
+    let v = value(0);
+    let n = payloads.len();
+    let start = CpuUse::start(&env.servers);
+    let t0 = Instant::now();
+    let what = if set_keys.is_some() {
+        "raw SET + publish throughput"
+    } else {
+        "raw publish throughput"
+    };
+    let (written, received) = within(ROUND_TIMEOUT, what, async {
+        tokio::join!(
+            in_flight(
+                n,
+                || counted.get(),
+                |i| {
+                    let (mut l2, mut publisher) = (env.l2.clone(), env.publisher.clone());
+                    let v = &v;
+                    async move {
+                        if let Some(keys) = set_keys {
+                            redis::cmd("SET")
+                                .arg(&keys[i])
+                                .arg(v.as_bytes())
+                                .query_async::<()>(&mut l2)
+                                .await
+                                .map_err(|e| format!("raw SET: {e}"))?;
+                        }
+                        publisher
+                            .publish(RAW_E2E_CHANNEL, payloads[i].clone())
+                            .await
+                    }
+                }
+            ),
+            count_received(&mut sub, n, &counted)
+        )
+    })
+    .await?;
+    written?;
+    let done = received?;
+    if let Some(cpu) = cpu {
+        cpu.add(&env.servers, start);
+    }
+    Ok(n as f64 / (done - t0).as_secs_f64())
+}
+
+/// What one fusioncache end-to-end throughput round measured.
+struct FcE2eRound {
+    /// Notifications applied on B per second (first `set` called → last notification applied).
+    applied_rate: f64,
+    /// A's `set`s returned per second (first called → last returned).
+    write_rate: f64,
+    /// Keys B held the new value of (refreshed from L2) when the last notification was applied...
+    refreshed_at_end: usize,
+    /// ... and once B's background refreshes were done.
+    refreshed_settled: usize,
+}
+
+/// How many of `keys` B's L1 holds with the value `new(i)`; fails when one still holds its old value.
+fn refreshed(
+    b: &FusionCache<String>,
+    keys: &[String],
+    old: impl Fn(usize) -> String,
+    new: impl Fn(usize) -> String,
+) -> Res<usize> {
+    let mut n = 0;
+    for (i, key) in keys.iter().enumerate() {
+        match b.peek(key) {
+            Some(v) if v == old(i) => {
+                return Err(format!(
+                    "node B still holds the old value of {key} after every notification was applied"
+                )
+                .into())
+            }
+            Some(v) if v == new(i) => n += 1,
+            Some(v) => {
+                return Err(format!("node B holds an unexpected value of {key}: {v:?}").into())
+            }
+            None => {}
+        }
+    }
+    Ok(n)
+}
+
+/// One fusioncache end-to-end throughput round: B first holds every key (untimed local writes, no L2 and no
+/// notification), then A `set`s a new value of each, `IN_FLIGHT` at a time; B counts what it applied.
+async fn fc_e2e_round(
+    env: &EndToEnd,
+    a: &FusionCache<String>,
+    b: &FusionCache<String>,
+    keys: &[String],
+    round: usize,
+    cpu: Option<&mut CpuUse>,
+) -> Res<FcE2eRound> {
+    let n = keys.len();
+    let first = (round * 2 * n) as u64;
+    let old = |i: usize| value(first + i as u64);
+    let new = |i: usize| value(first + (n + i) as u64);
+    let local = entry_options()
+        .skip_l2_writes(true)
+        .skip_backplane_notifications(true);
+    for (i, key) in keys.iter().enumerate() {
+        b.set_with(key, old(i), &local)
+            .await
+            .map_err(|e| format!("node B local set: {e}"))?;
+    }
+    if let Some(key) = keys
+        .iter()
+        .zip(0..)
+        .find_map(|(k, i)| (b.peek(k) != Some(old(i))).then_some(k))
+    {
+        return Err(
+            format!("node B does not hold {key} in L1 before the round (L1 evicted it?)").into(),
+        );
+    }
+    let (a0, b0) = (a.stats(), b.stats());
+    perf_control("enable");
+    let start = CpuUse::start(&env.servers);
+    let t0 = Instant::now();
+    let applied = || b.stats().backplane_received - b0.backplane_received;
+    let outcome = within(ROUND_TIMEOUT, "fusioncache end-to-end throughput", async {
+        tokio::join!(
+            in_flight(n, applied, |i| async move {
+                a.set(&keys[i], new(i))
+                    .await
+                    .map_err(|e| format!("node A set: {e}").into())
+            }),
+            count_applied(b, b0.backplane_received, n as u64)
+        )
+    })
+    .await;
+    perf_control("disable");
+    let (written, (count, done)) = outcome?;
+    let written = written?;
+    if let Some(cpu) = cpu {
+        cpu.add(&env.servers, start);
+    }
+    let (a1, b1) = (a.stats(), b.stats());
+    let lost = n as u64 - count.min(n as u64);
+    let trouble = [
+        ("messages not applied on B", lost),
+        ("A's L2 errors", a1.l2_errors - a0.l2_errors),
+        (
+            "A's operations queued for auto-recovery",
+            a1.auto_recovery_queued - a0.auto_recovery_queued,
+        ),
+        (
+            "B's overflows",
+            b1.backplane_overflows - b0.backplane_overflows,
+        ),
+        (
+            "B's malformed messages",
+            b1.backplane_malformed - b0.backplane_malformed,
+        ),
+        (
+            "reconnects",
+            a1.backplane_reconnects + b1.backplane_reconnects
+                - a0.backplane_reconnects
+                - b0.backplane_reconnects,
+        ),
+    ];
+    let trouble: Vec<String> = trouble
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(what, n)| format!("{n} {what}"))
+        .collect();
+    if !trouble.is_empty() {
+        return Err(format!(
+            "fusioncache end-to-end round {round}: {}",
+            trouble.join(", ")
+        )
+        .into());
+    }
+    let refreshed_at_end = refreshed(b, keys, old, new)?;
+
+    // Untimed: A's own notifications came back, and B's background refreshes are done (the count of
+    // refreshed keys stops moving), so that nothing of this round runs in the next one.
+    let want_echo = a0.backplane_self_ignored + n as u64;
+    settle(
+        ROUND_TIMEOUT,
+        "node A's own notifications to come back",
+        || a.stats().backplane_self_ignored >= want_echo,
+    )
+    .await?;
+    let t_settle = Instant::now();
+    let mut refreshed_settled = refreshed_at_end;
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = refreshed(b, keys, old, new)?;
+        if now == refreshed_settled || now == n {
+            refreshed_settled = now;
+            break;
+        }
+        refreshed_settled = now;
+        if t_settle.elapsed() > STEP_TIMEOUT {
+            return Err(format!("node B still refreshing {STEP_TIMEOUT:?} after the round").into());
+        }
+    }
+    Ok(FcE2eRound {
+        applied_rate: n as f64 / (done - t0).as_secs_f64(),
+        write_rate: n as f64 / (written - t0).as_secs_f64(),
+        refreshed_at_end,
+        refreshed_settled,
+    })
+}
+
+/// The environment variable naming perf's control fifo: with it (`perf record -D -1 --control
+/// fifo:PATH`, see `make profile-e2e`), the profile covers the timed fusioncache end-to-end throughput
+/// rounds only.
+const PERF_CTL: &str = "TRANSPORT_BENCH_PERF_CTL";
+
+/// Sends `command` (`enable`, `disable`) to perf's control fifo, if `PERF_CTL` names one.
+fn perf_control(command: &str) {
+    let Ok(path) = std::env::var(PERF_CTL) else {
+        return;
+    };
+    let sent = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|mut fifo| {
+            std::io::Write::write_all(&mut fifo, format!("{command}\n").as_bytes())
+        });
+    if let Err(e) = sent {
+        eprintln!("transport-bench: cannot send {command:?} to perf's control fifo {path}: {e}");
+    }
+}
+
+/// End-to-end throughput: `ROUNDS` rounds (after a discarded warm-up round), each timing raw publish, raw
+/// SET + publish, then fusioncache; pushes two rows (one per floor) and the details.
+async fn e2e_throughput(
+    env: &EndToEnd,
+    a: &FusionCache<String>,
+    b: &FusionCache<String>,
+    rows: &mut Vec<Row>,
+    details: &mut Vec<String>,
+) -> Res<()> {
+    let keys: Vec<String> = (0..E2E_MESSAGES)
+        .map(|i| format!("bench:e2e:{i:06}"))
+        .collect();
+    let raw_keys: Vec<String> = (0..E2E_MESSAGES)
+        .map(|i| format!("rawbench:e2e:{i:06}"))
+        .collect();
+    let ts = now_ticks();
+    let payloads: Vec<Bytes> = keys
+        .iter()
+        .map(|k| BackplaneMessage::new(FOREIGN_SOURCE, ts, Action::Set, k).encode())
+        .collect();
+    let (mut publish, mut set_publish, mut fc) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cpu: [CpuUse; 3] = Default::default();
+    for round in 0..=ROUNDS {
+        // Round 0 warms every side up and is discarded.
+        let keep = round > 0;
+        let [c0, c1, c2] = &mut cpu;
+        let r = raw_e2e_round(env, &payloads, None, keep.then_some(c0)).await?;
+        let rs = raw_e2e_round(env, &payloads, Some(&raw_keys), keep.then_some(c1)).await?;
+        let f = fc_e2e_round(env, a, b, &keys, round, keep.then_some(c2)).await?;
+        if keep {
+            publish.push(r);
+            set_publish.push(rs);
+            fc.push(f);
+        }
+    }
+    let list = |v: &mut dyn Iterator<Item = f64>| {
+        v.map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ")
+    };
+    let applied: Vec<f64> = fc.iter().map(|r| r.applied_rate).collect();
+    let f = median(&applied);
+    let publish_name = env.raw_publish();
+    let refreshes = b.options().max_concurrent_refreshes;
+    for (floor, rates, goal) in [
+        (
+            format!("single-connection {publish_name}, {IN_FLIGHT} in flight"),
+            &publish,
+            Some(Goal::AtLeast(1.0)),
+        ),
+        (
+            format!("SET then {publish_name} per write, {IN_FLIGHT} in flight (2nd floor)"),
+            &set_publish,
+            None,
+        ),
+    ] {
+        let r = median(rates);
+        rows.push(Row {
+            measure: format!(
+                "end to end: notifications applied on B /s, A's `set` on distinct keys, {IN_FLIGHT} in \
+                 flight (B per notification: mark stale, then an L2 re-read unless {refreshes} run) \
+                 (median of {ROUNDS}); raw: {floor}"
+            ),
+            fusioncache: format!("{f:.0}"),
+            baseline: format!("{r:.0}"),
+            value: Some(f),
+            ratio: Some(f / r),
+            goal,
+        });
+    }
+    details.push(format!(
+        "end-to-end throughput rounds ({E2E_MESSAGES} writes each on distinct keys, after one discarded \
+         warm-up round; at most {WINDOW} written and not yet received): raw {publish_name} [{}] msgs/s; \
+         raw SET + {publish_name} [{}] msgs/s; fusioncache applied on B [{}] msgs/s, A's `set`s returned \
+         [{}] /s",
+        list(&mut publish.iter().copied()),
+        list(&mut set_publish.iter().copied()),
+        list(&mut applied.iter().copied()),
+        list(&mut fc.iter().map(|r| r.write_rate)),
+    ));
+    details.push(format!(
+        "end-to-end throughput: B held every key (written locally before the round, no L2, no \
+         notification) and counts stats().backplane_received (polled every ~1 ms); after each round, no \
+         key of B still holds its old value (checked), and B held the new value (refreshed from L2) of \
+         [{}] of {E2E_MESSAGES} keys when the last notification was applied, [{}] once its background \
+         refreshes were done; the others stay stale until read (a notification that comes while \
+         max_concurrent_refreshes = {refreshes} refreshes run starts none); raw = {publish_name} of {}-byte FusionCache messages, \
+         counted by a subscriber on its own connection",
+        fc.iter()
+            .map(|r| r.refreshed_at_end.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        fc.iter()
+            .map(|r| r.refreshed_settled.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        payloads.first().map_or(0, |p| p.len()),
+    ));
+    let [c0, c1, c2] = &cpu;
+    details.push(format!(
+        "CPU use over the timed end-to-end throughput rounds: raw publish: {}; raw SET + publish: {}; \
+         fusioncache: {}",
+        c0.describe(),
+        c1.describe(),
+        c2.describe()
+    ));
+    Ok(())
 }
