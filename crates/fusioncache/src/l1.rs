@@ -162,7 +162,7 @@ where
 
     /// The entry of `key` as a read sees it. `untrusted_after`: while the backplane is down, entries older
     /// than this are not served as fresh (`None` when the backplane is up).
-    #[inline]
+    #[inline(always)]
     pub fn lookup(
         &self,
         key: &str,
@@ -192,7 +192,7 @@ where
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn judge(
         &self,
         entry: L1Entry<V>,

@@ -17,13 +17,22 @@ const STRIPES: usize = 8;
 #[derive(Debug, Default)]
 struct Stripe(AtomicU64);
 
-/// This thread's stripe, assigned round-robin on first use.
+/// This thread's stripe, assigned round-robin on first use (a `const` thread-local: one load after that).
+#[inline(always)]
 fn stripe() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+        static STRIPE: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
     }
-    STRIPE.with(|s| *s)
+    STRIPE.with(|s| {
+        let stripe = s.get();
+        if stripe != usize::MAX {
+            return stripe;
+        }
+        let stripe = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+        s.set(stripe);
+        stripe
+    })
 }
 
 /// A monotonic counter, striped per thread.
@@ -35,7 +44,7 @@ pub(crate) struct Counter {
 }
 
 impl Counter {
-    #[inline]
+    #[inline(always)]
     pub fn incr(&self) {
         self.stripes[stripe()].0.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
