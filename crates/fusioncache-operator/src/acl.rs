@@ -4,7 +4,7 @@
 //! ([`fusioncache::redis::ACL_COMMANDS`], plus [`fusioncache::redis::ACL_SELECT`] only when its database is not
 //! 0), only on keys under the cache's key prefix (`~{keyPrefix}*`) and only on its own backplane channel
 //! (`&{channel}`: the exact channel, so a prefix that extends another one, `shop.a` and `shop.a.b`, grants
-//! nothing of the other). Everything else is denied: `FUNCTION`, `FCALL`, `EVAL`, `SCRIPT`, `CLIENT TRACKING`,
+//! nothing of the other). Everything else is denied: `FUNCTION`, `FCALL`, `EVAL`, `SCRIPT FLUSH`, `CLIENT TRACKING`,
 //! `SCAN`, `KEYS`, `RANDOMKEY`, `PUBSUB CHANNELS`, `FLUSHALL`, `CONFIG`, `ACL`, `MONITOR`, … A Redis database
 //! index is no isolation (ACLs cannot restrict `SELECT` to one index): this is.
 //!

@@ -18,7 +18,9 @@ use redis::IntoConnectionInfo;
 
 /// Every Redis command this library sends, in the form of an ACL rule (`+{command}`): the connection
 /// handshake (`AUTH`; connections skip `CLIENT SETINFO`, which Redis 7.0 does not know), the L2 (`GET`,
-/// `MGET`, `SET`, `UNLINK`) and the backplane (`PUBLISH`, `SUBSCRIBE`, `UNSUBSCRIBE`, `PING`). An ACL user allowed exactly these (plus [`ACL_SELECT`]
+/// `MGET`, `SET`, `UNLINK`, and `EVALSHA` / `SCRIPT LOAD` of the one script that writes an entry only if
+/// no newer one is stored — a script runs with the caller's ACL rules, so it reaches only the caller's keys)
+/// and the backplane (`PUBLISH`, `SUBSCRIBE`, `UNSUBSCRIBE`, `PING`). An ACL user allowed exactly these (plus [`ACL_SELECT`]
 /// when it uses a database other than 0), its key prefix and its channel can run every operation of the
 /// library; the operator provisions such users, and the library's tests check that nothing else is sent.
 pub const ACL_COMMANDS: &[&str] = &[
@@ -28,6 +30,8 @@ pub const ACL_COMMANDS: &[&str] = &[
     "mget",
     "set",
     "unlink",
+    "evalsha",
+    "script|load",
     "publish",
     "subscribe",
     "unsubscribe",

@@ -1,5 +1,6 @@
 //! The Redis distributed cache (feature `redis`).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -7,8 +8,13 @@ use bytes::Bytes;
 use super::{DistributedCache, L2Error};
 use crate::redis::RedisConnection;
 
-/// A [`DistributedCache`] on Redis: `GET`, `MGET`, `SET … PX`, `UNLINK`, in the connection's database,
-/// every key under an optional prefix (`{key_prefix}{key}`).
+/// A [`DistributedCache`] on Redis: `GET`, `MGET`, a conditional `SET … PX` (see below), `UNLINK`, in the
+/// connection's database, every key under an optional prefix (`{key_prefix}{key}`).
+///
+/// A write of one of the cache's entries replaces what is stored only if that is not a newer write (by
+/// the write timestamps the entries carry), in one server-side script: a write that reaches Redis late —
+/// held in a stalled server's buffer, or by a network that delivers it after a partition, long after the
+/// client gave up on it — cannot undo a newer one. (Other bytes are written with a plain `SET`.)
 ///
 /// ```no_run
 /// use fusioncache::{FusionCache, l2::redis::RedisDistributedCache, redis::RedisConnection};
@@ -110,6 +116,39 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
+/// Stores `ARGV[1]` at `KEYS[1]` for `ARGV[2]` ms unless the entry there carries a newer write timestamp
+/// than `ARGV[3]` (8 bytes, big-endian, so that bytes compare as the numbers do: Lua's numbers are doubles,
+/// too coarse for .NET ticks). An entry's envelope keeps its write timestamp little-endian at bytes 18-25.
+/// Returns 1 when written, 0 when a newer entry stays.
+const SET_IF_NOT_NEWER: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and #current >= 25 then
+  local stored = string.reverse(string.sub(current, 18, 25))
+  if stored > ARGV[3] then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+static SET_IF_NOT_NEWER_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(SET_IF_NOT_NEWER));
+
+/// The write timestamp of an entry envelope, big-endian, if `value` is one.
+fn envelope_timestamp(value: &[u8]) -> Option<[u8; 8]> {
+    if value.len() < 25 || !matches!(value[0], 1 | 2) {
+        return None;
+    }
+    let mut ts: [u8; 8] = value[17..25].try_into().ok()?;
+    ts.reverse();
+    Some(ts)
+}
+
+fn ttl_ms(ttl: Duration) -> i64 {
+    ttl.as_millis().clamp(1, i64::MAX as u128) as i64
+}
+
 impl RedisDistributedCache {
     /// The connection this store writes on.
     pub(crate) fn connection(&self) -> &RedisConnection {
@@ -131,19 +170,32 @@ impl RedisDistributedCache {
         let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        match value {
-            Some((bytes, ttl)) => {
-                let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
-                pipe.cmd("SET")
-                    .arg(self.key(key))
-                    .arg(bytes.as_ref())
-                    .arg("PX")
-                    .arg(ttl_ms);
-            }
+        let conditional = match value {
+            Some((bytes, ttl)) => match envelope_timestamp(bytes) {
+                Some(ts) => {
+                    pipe.cmd("EVALSHA")
+                        .arg(SET_IF_NOT_NEWER_SCRIPT.get_hash())
+                        .arg(1)
+                        .arg(self.key(key))
+                        .arg(bytes.as_ref())
+                        .arg(ttl_ms(ttl))
+                        .arg(&ts[..]);
+                    Some((bytes, ttl))
+                }
+                None => {
+                    pipe.cmd("SET")
+                        .arg(self.key(key))
+                        .arg(bytes.as_ref())
+                        .arg("PX")
+                        .arg(ttl_ms(ttl));
+                    None
+                }
+            },
             None => {
                 pipe.cmd("UNLINK").arg(self.key(key));
+                None
             }
-        }
+        };
         pipe.cmd("PUBLISH").arg(channel).arg(payload);
         let mut replies: Vec<redis::RedisResult<redis::Value>> =
             pipe.query_async(&mut conn).await.map_err(unavailable)?;
@@ -152,10 +204,18 @@ impl RedisDistributedCache {
         let (Some(write), Some(publish)) = (write, publish) else {
             return Err(L2Error::Unavailable("short pipeline reply".into()));
         };
-        Ok((
-            write.map(|_| ()).map_err(unavailable),
-            publish.map(|_| ()).map_err(|e| e.to_string()),
-        ))
+        let write = match (write, conditional) {
+            // The script is not loaded yet (first use, or Redis restarted): load it and write again. The
+            // PUBLISH already ran: the other nodes re-read L2, find the older entry, and read it again
+            // when they next need it.
+            (Err(e), Some((bytes, ttl)))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                self.set(key, bytes.clone(), ttl).await
+            }
+            (write, _) => write.map(|_| ()).map_err(unavailable),
+        };
+        Ok((write, publish.map(|_| ()).map_err(|e| e.to_string())))
     }
 }
 
@@ -176,14 +236,25 @@ impl DistributedCache for RedisDistributedCache {
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error> {
         let mut conn = self.conn().await?;
-        let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
-        redis::cmd("SET")
-            .arg(self.key(key))
+        let Some(ts) = envelope_timestamp(&value) else {
+            return redis::cmd("SET")
+                .arg(self.key(key))
+                .arg(value.as_ref())
+                .arg("PX")
+                .arg(ttl_ms(ttl))
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable);
+        };
+        // A newer entry staying in place is not an error: it is the newest write, as asked.
+        SET_IF_NOT_NEWER_SCRIPT
+            .key(self.key(key))
             .arg(value.as_ref())
-            .arg("PX")
-            .arg(ttl_ms)
-            .query_async::<()>(&mut conn)
+            .arg(ttl_ms(ttl))
+            .arg(&ts[..])
+            .invoke_async::<i64>(&mut conn)
             .await
+            .map(|_| ())
             .map_err(unavailable)
     }
 
