@@ -265,22 +265,7 @@ where
 
     /// [`remove`](Self::remove) with explicit entry options.
     pub async fn remove_with(&self, key: &str, options: &EntryOptions) -> Result<(), Error> {
-        let inner = &self.inner;
-        let timestamp = now_ticks();
-        let hold = inner.guard.hold(key, Some(timestamp));
-        inner.l1.remove(key);
-        Counters::incr(&inner.telemetry.counters.removes);
-        inner.telemetry.emit(|| CacheEvent::Remove { key });
-        Inner::distribute(
-            inner,
-            hold,
-            Action::Remove,
-            timestamp,
-            Some(L2Write::Remove),
-            options,
-        )
-        .instrument(inner.span("remove", key))
-        .await
+        self.invalidate(key, Action::Remove, options).await
     }
 
     /// Expires `key`, as FusionCache does: this node keeps its copy only as a fail-safe fallback (no
@@ -297,21 +282,41 @@ where
         if !options.fail_safe {
             return self.remove_with(key, options).await;
         }
+        self.invalidate(key, Action::Expire, options).await
+    }
+
+    /// A remove or an expire: the local step (evict, or mark stale), then the L2 entry removed and the
+    /// others told.
+    async fn invalidate(
+        &self,
+        key: &str,
+        action: Action,
+        options: &EntryOptions,
+    ) -> Result<(), Error> {
         let inner = &self.inner;
         let timestamp = now_ticks();
         let hold = inner.guard.hold(key, Some(timestamp));
-        inner.l1.mark_stale(key, |_| true);
-        Counters::incr(&inner.telemetry.counters.expires);
-        inner.telemetry.emit(|| CacheEvent::Expire { key });
+        let counters = &inner.telemetry.counters;
+        let operation = if action == Action::Expire {
+            inner.l1.mark_stale(key, |_| true);
+            Counters::incr(&counters.expires);
+            inner.telemetry.emit(|| CacheEvent::Expire { key });
+            "expire"
+        } else {
+            inner.l1.remove(key);
+            Counters::incr(&counters.removes);
+            inner.telemetry.emit(|| CacheEvent::Remove { key });
+            "remove"
+        };
         Inner::distribute(
             inner,
             hold,
-            Action::Expire,
+            action,
             timestamp,
             Some(L2Write::Remove),
             options,
         )
-        .instrument(inner.span("expire", key))
+        .instrument(inner.span(operation, key))
         .await
     }
 
@@ -570,6 +575,15 @@ where
     pub(crate) fn record_stale(&self, key: &str) {
         Counters::incr(&self.telemetry.counters.stale_served);
         self.telemetry.emit(|| CacheEvent::StaleServed { key });
+    }
+
+    /// Spawns a background task of this cache (aborted when the cache goes).
+    pub(crate) fn spawn_task(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task).abort_handle();
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
     }
 
     /// Marks every L1 entry stale (O(1)).

@@ -244,11 +244,7 @@ where
         let sender = self.refresher.get_or_init(|| {
             let capacity = self.options.max_concurrent_refreshes.max(1);
             let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-            let task = tokio::spawn(run_refresher(Arc::downgrade(self), rx));
-            self.tasks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(task.abort_handle());
+            self.spawn_task(run_refresher(Arc::downgrade(self), rx));
             tx
         });
         // When too many refreshes wait, the entry just stays stale: the next read goes to L2.

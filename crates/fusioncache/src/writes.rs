@@ -215,11 +215,7 @@ where
     fn publish_in_background(self: &Arc<Self>, key: String, op: &DistributedOp) {
         let sender = self.publisher.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(PUBLISH_QUEUE);
-            let task = tokio::spawn(run_publisher(Arc::downgrade(self), rx));
-            self.tasks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(task.abort_handle());
+            self.spawn_task(run_publisher(Arc::downgrade(self), rx));
             tx
         });
         let outgoing = Outgoing {
@@ -331,14 +327,10 @@ where
     /// Queues `item` and makes sure the auto-recovery task runs.
     pub(crate) fn queue_for_recovery(self: &Arc<Self>, key: &str, item: RecoveryItem) {
         self.recovery_started.call_once(|| {
-            let task = tokio::spawn(crate::auto_recovery::run(
+            self.spawn_task(crate::auto_recovery::run(
                 Arc::clone(&self.recovery),
                 Arc::downgrade(self),
             ));
-            self.tasks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(task.abort_handle());
         });
         self.recovery.push(key, item);
     }
