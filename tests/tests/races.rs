@@ -9,8 +9,10 @@ use std::time::Duration;
 use fusioncache::backplane::nats::NatsBackplane;
 use fusioncache::backplane::redis::RedisBackplane;
 use fusioncache::backplane::Backplane;
+use fusioncache::backplane::MemoryBackplane;
 use fusioncache::events::CacheEvent;
 use fusioncache::l2::redis::RedisDistributedCache;
+use fusioncache::l2::MemoryDistributedCache;
 use fusioncache::redis::RedisConnection;
 use fusioncache::testing::{FaultyL2, L2Faults};
 use fusioncache::{EntryOptions, FusionCache};
@@ -19,40 +21,61 @@ use fusioncache_testkit::{NatsServer, RedisServer};
 
 #[derive(Clone, Copy, Debug)]
 enum Bus {
+    Memory,
     Redis,
     Nats,
 }
 
-/// Servers for one test: Redis (L2, and the backplane for `Bus::Redis`) and NATS when asked.
-struct Servers {
-    redis: RedisServer,
-    nats: Option<NatsServer>,
+/// What the nodes of one test share: in-process L2 and backplane (`Bus::Memory`), or real servers —
+/// Redis (L2, and the backplane for `Bus::Redis`) and NATS when asked.
+enum Servers {
+    Memory(MemoryDistributedCache, MemoryBackplane),
+    Real {
+        redis: Box<RedisServer>,
+        nats: Option<Box<NatsServer>>,
+    },
 }
 
 impl Servers {
     fn start(bus: Bus) -> Self {
-        Self {
-            redis: RedisServer::start().unwrap(),
-            nats: matches!(bus, Bus::Nats).then(|| NatsServer::start().unwrap()),
+        match bus {
+            Bus::Memory => Servers::Memory(MemoryDistributedCache::new(), MemoryBackplane::new()),
+            _ => Servers::Real {
+                redis: Box::new(RedisServer::start().unwrap()),
+                nats: matches!(bus, Bus::Nats).then(|| Box::new(NatsServer::start().unwrap())),
+            },
         }
     }
 
-    async fn backplane(&self, redis: &RedisConnection) -> Arc<dyn Backplane> {
-        match &self.nats {
-            Some(nats) => Arc::new(NatsBackplane::connect(&nats.url()).await.unwrap()),
-            None => Arc::new(RedisBackplane::new(redis.clone())),
+    fn redis(&self) -> &RedisServer {
+        match self {
+            Servers::Real { redis, .. } => redis,
+            Servers::Memory(..) => panic!("an in-process test has no redis-server"),
         }
     }
 
     /// A node with its own connections, whose L2 goes through fault switches.
     async fn node(&self) -> (FusionCache<String>, L2Faults) {
-        let redis = RedisConnection::open_with(&self.redis.url(), fast_redis_options()).unwrap();
-        let (l2, faults) = FaultyL2::new(Arc::new(RedisDistributedCache::new(redis.clone())));
+        let (l2, backplane): (
+            Arc<dyn fusioncache::l2::DistributedCache>,
+            Arc<dyn Backplane>,
+        ) = match self {
+            Servers::Memory(store, bus) => (Arc::new(store.clone()), Arc::new(bus.clone())),
+            Servers::Real { redis, nats } => {
+                let redis = RedisConnection::open_with(&redis.url(), fast_redis_options()).unwrap();
+                let backplane: Arc<dyn Backplane> = match nats {
+                    Some(nats) => Arc::new(NatsBackplane::connect(&nats.url()).await.unwrap()),
+                    None => Arc::new(RedisBackplane::new(redis.clone())),
+                };
+                (Arc::new(RedisDistributedCache::new(redis)), backplane)
+            }
+        };
+        let (l2, faults) = FaultyL2::new(l2);
         let cache = FusionCache::builder()
             .name("products")
             .default_entry_options(EntryOptions::new().duration(Duration::from_secs(120)))
             .distributed_cache(l2)
-            .shared_backplane(self.backplane(&redis).await)
+            .shared_backplane(backplane)
             .build()
             .unwrap();
         assert!(cache.wait_for_backplane(WAIT).await);
@@ -60,11 +83,11 @@ impl Servers {
     }
 }
 
-async fn own_get_and_set_at_once(bus: Bus) {
+async fn own_get_and_set_at_once(bus: Bus, trials: usize) {
     let servers = Servers::start(bus);
     let (a, faults) = servers.node().await;
     let (writer, _) = servers.node().await;
-    for trial in 0..20 {
+    for trial in 0..trials {
         let key = format!("k{trial}");
         writer.set(&key, s("old")).await.unwrap();
         let mut paused = faults.pause_next_read(&key);
@@ -117,12 +140,23 @@ async fn remote_change_racing_a_read(bus: Bus, remove: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_get_and_set_at_once_on_redis() {
-    own_get_and_set_at_once(Bus::Redis).await;
+    own_get_and_set_at_once(Bus::Redis, 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_get_and_set_at_once_in_process_100_of_100() {
+    own_get_and_set_at_once(Bus::Memory, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_remove_and_set_racing_a_read_in_process() {
+    remote_change_racing_a_read(Bus::Memory, true).await;
+    remote_change_racing_a_read(Bus::Memory, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_get_and_set_at_once_on_nats() {
-    own_get_and_set_at_once(Bus::Nats).await;
+    own_get_and_set_at_once(Bus::Nats, 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +184,7 @@ async fn a_set_whose_command_connection_is_killed_still_reaches_l2_and_the_peers
         let queued = a.stats().auto_recovery_queued;
         // Every command connection (not the subscribers) dies under the next set.
         let killed = servers
-            .redis
+            .redis()
             .command(&["CLIENT", "KILL", "TYPE", "normal"])
             .unwrap();
         assert!(killed.starts_with(':'), "{killed}");
@@ -162,7 +196,7 @@ async fn a_set_whose_command_connection_is_killed_still_reaches_l2_and_the_peers
             "trial {trial}: the write reached L2 and b was told"
         );
         assert_eq!(
-            servers.redis.command(&["EXISTS", &key]).unwrap().trim(),
+            servers.redis().command(&["EXISTS", &key]).unwrap().trim(),
             ":1",
             "trial {trial}"
         );

@@ -1,5 +1,7 @@
-//! Overlapping operations, forced with wrappers that park an L2 read after it fetched its bytes (no sleeps):
-//! a node must never install a value older than a write or invalidation it has seen for the key.
+//! Overlapping operations, forced with wrappers that park an operation at a chosen point (no sleeps): a
+//! node must never cache a value older than a write or invalidation it has seen for the key. (The paused
+//! L2 reads racing a local or remote change run in `tests/tests/races.rs`, in process and on real
+//! servers.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,85 +44,6 @@ async fn node(
         .unwrap();
     assert!(cache.wait_for_backplane(WAIT).await);
     (cache, faults)
-}
-
-#[tokio::test]
-async fn own_get_and_own_set_at_once_serve_the_new_value_100_of_100() {
-    let (store, bus) = (MemoryDistributedCache::new(), MemoryBackplane::new());
-    let (a, faults) = node(&store, &bus).await;
-    let (writer, _) = node(&store, &bus).await;
-    for trial in 0..100 {
-        let key = format!("k{trial}");
-        writer.set(&key, s("old")).await.unwrap();
-        // a's read of the key fetches "old" from L2 and is parked there...
-        let mut paused = faults.pause_next_read(&key);
-        let reader = {
-            let (a, key) = (a.clone(), key.clone());
-            tokio::spawn(async move { a.get(&key).await })
-        };
-        assert!(
-            paused.parked(WAIT).await,
-            "trial {trial}: the read reached L2"
-        );
-        // ...while a sets the key itself.
-        a.set(&key, s("new")).await.unwrap();
-        paused.release();
-        assert_eq!(
-            reader.await.unwrap(),
-            Some(s("old")),
-            "the concurrent read may see the old value"
-        );
-        assert_eq!(
-            a.peek(&key),
-            Some(s("new")),
-            "trial {trial}: a's own write stands in L1"
-        );
-        assert_eq!(a.get(&key).await, Some(s("new")), "trial {trial}");
-    }
-}
-
-async fn remote_change_racing_a_paused_read(remove: bool) {
-    let (store, bus) = (MemoryDistributedCache::new(), MemoryBackplane::new());
-    let (a, _) = node(&store, &bus).await;
-    let (b, b_faults) = node(&store, &bus).await;
-    a.set("k", s("v1")).await.unwrap();
-    // b has heard of that set before its read starts: the only notification it hears next is the race.
-    assert!(eventually(|| b.stats().backplane_received >= 1).await);
-    let mut paused = b_faults.pause_next_read("k");
-    let reader = {
-        let b = b.clone();
-        tokio::spawn(async move { b.get("k").await })
-    };
-    assert!(paused.parked(WAIT).await);
-    let received = b.stats().backplane_received;
-    if remove {
-        a.remove("k").await.unwrap();
-    } else {
-        a.set("k", s("v2")).await.unwrap();
-    }
-    assert!(
-        eventually(|| b.stats().backplane_received > received).await,
-        "b applied the notification while its read was parked"
-    );
-    paused.release();
-    reader.await.unwrap();
-    let expected = if remove { None } else { Some(s("v2")) };
-    assert_ne!(
-        b.peek("k"),
-        Some(s("v1")),
-        "the old value was not installed"
-    );
-    assert_eq!(b.get("k").await, expected);
-}
-
-#[tokio::test]
-async fn a_remote_remove_racing_a_read_is_not_undone_by_it() {
-    remote_change_racing_a_paused_read(true).await;
-}
-
-#[tokio::test]
-async fn a_remote_set_racing_a_read_is_not_undone_by_it() {
-    remote_change_racing_a_paused_read(false).await;
 }
 
 #[tokio::test]
