@@ -172,6 +172,11 @@ pub struct RedisConfig {
         deserialize_with = "secret_string"
     )]
     pub password: Option<String>,
+    /// A file holding the password, read at every connection and reconnection (a rotated mounted Secret
+    /// reaches the live caches when they reconnect). Set by a Service Binding directory to its password
+    /// file; takes the place of `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<std::path::PathBuf>,
     /// The liveness bound (`3s` by default): a lost link is reported within it.
     #[serde(
         default,
@@ -227,6 +232,7 @@ impl fmt::Debug for RedisConfig {
                 "password",
                 &self.password.as_ref().map(|_| redact::REDACTED),
             )
+            .field("password_file", &self.password_file)
             .finish()
     }
 }
@@ -413,6 +419,7 @@ impl FusionCacheConfig {
             database: None,
             username: get(env::REDIS_USERNAME),
             password: get(env::REDIS_PASSWORD),
+            password_file: None,
             liveness_timeout: duration(env::REDIS_LIVENESS_TIMEOUT)?,
             health_check_interval: duration(env::REDIS_HEALTH_CHECK_INTERVAL)?,
         };
@@ -555,7 +562,16 @@ impl FusionCacheConfig {
             let path = dir.join(BINDING_NATS_CREDS_FILE).display().to_string();
             values.insert(env::NATS_CREDENTIALS.to_string(), path);
         }
-        Self::from_values(&values)
+        let mut config = Self::from_values(&values)?;
+        // The password is read again from its file at every reconnection: a rotated Secret reaches the
+        // live caches.
+        if let Some(redis) = config.redis.as_mut().filter(|r| r.password.is_some()) {
+            redis.password_file = [env::REDIS_PASSWORD, "password"]
+                .into_iter()
+                .map(|name| dir.join(name))
+                .find(|path| path.is_file());
+        }
+        Ok(config)
     }
 
     /// Finds the FusionCache binding under `$SERVICE_BINDING_ROOT`: the only directory whose `type` is
@@ -635,6 +651,12 @@ impl FusionCacheConfig {
                     url: a.url.or(b.url),
                     database: a.database.or(b.database),
                     username: a.username.or(b.username),
+                    // A password and the file it was read from come from the same source.
+                    password_file: if a.password.is_some() {
+                        a.password_file
+                    } else {
+                        b.password_file
+                    },
                     password: a.password.or(b.password),
                     liveness_timeout: a.liveness_timeout.or(b.liveness_timeout),
                     health_check_interval: a.health_check_interval.or(b.health_check_interval),
@@ -985,9 +1007,24 @@ mod tests {
         assert_eq!(config.cache_name.as_deref(), Some("from-env"));
         assert_eq!(config.channel_prefix.as_deref(), Some("binding.prefix"));
         assert_eq!(config.key_prefix.as_deref(), Some("file:"));
-        assert_eq!(config.redis.unwrap().password.as_deref(), Some("s3cret"));
+        let redis = config.redis.unwrap();
+        assert_eq!(redis.password.as_deref(), Some("s3cret"));
+        assert_eq!(
+            redis.password_file.as_deref(),
+            Some(binding.join("password").as_path()),
+            "the password is read again from the binding at every reconnection"
+        );
         let creds = config.nats.unwrap().credentials.unwrap();
         assert!(creds.ends_with(BINDING_NATS_CREDS_FILE), "{creds}");
+
+        // A password from the environment wins, and so does not come with the binding's file.
+        let env = values(&[
+            (env::SERVICE_BINDING_ROOT, root.to_str().unwrap()),
+            (env::REDIS_PASSWORD, "from-env"),
+        ]);
+        let redis = FusionCacheConfig::load_from(&env).unwrap().redis.unwrap();
+        assert_eq!(redis.password.as_deref(), Some("from-env"));
+        assert_eq!(redis.password_file, None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -4,7 +4,8 @@
 //! Connections are shared by the caches whose configurations name the same endpoint with the same
 //! credentials, compared in full through a [`Credentials`] fingerprint (never the password itself). Every
 //! [`FusionCacheConfig::load`] re-reads the Service Binding directory, so after a rotation the caches built
-//! from then on open new connections with the new secret.
+//! from then on open new connections with the new secret; the connections of the caches already running
+//! read the binding's password file again whenever they reconnect.
 
 use std::collections::HashMap;
 #[cfg(any(feature = "redis", feature = "nats"))]
@@ -84,6 +85,9 @@ fn redis_connection(
         database.as_deref().map(str::as_bytes),
         r.username.as_deref().map(str::as_bytes),
         r.password.as_deref().map(str::as_bytes),
+        r.password_file
+            .as_deref()
+            .map(|p| p.as_os_str().as_encoded_bytes()),
         Some(liveness.as_bytes()),
     ]);
     let mut options = crate::redis::RedisOptions::default();
@@ -93,6 +97,7 @@ fn redis_connection(
     if let Some(interval) = r.health_check_interval {
         options.health_check_interval = interval;
     }
+    options.password_file = r.password_file.clone();
     let mut reg = registry();
     if let Some(conn) = reg.redis.get(&key) {
         return Ok((key, conn.clone()));

@@ -71,6 +71,11 @@ pub struct RedisOptions {
     pub tls_ca_certificate: Option<PathBuf>,
     /// For `rediss://` with mutual TLS: the client certificate and its key (PEM files).
     pub tls_client_certificate: Option<(PathBuf, PathBuf)>,
+    /// A file that holds the password (a mounted Secret, such as the operator's binding), in place of the
+    /// URL's: read again at every connection and reconnection, so that after a rotation the live
+    /// connections authenticate with the new password the next time they connect. A trailing newline is
+    /// not part of the password.
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for RedisOptions {
@@ -84,6 +89,7 @@ impl Default for RedisOptions {
             liveness_timeout: Duration::from_secs(3),
             tls_ca_certificate: None,
             tls_client_certificate: None,
+            password_file: None,
         }
     }
 }
@@ -117,6 +123,8 @@ pub struct RedisConnection {
 
 struct Inner {
     client: redis::Client,
+    /// What the client was built from (the password file's password replaces its password).
+    info: redis::ConnectionInfo,
     options: RedisOptions,
     /// The command connection and its generation (bumped when the watchdog replaces it).
     manager: Mutex<Option<(u64, ConnectionManager)>>,
@@ -178,37 +186,15 @@ impl RedisConnection {
         let info = info.set_redis_settings(settings);
         let display = format!("{} db {}", info.addr(), info.redis_settings().db());
         let resp3 = info.redis_settings().protocol() == redis::ProtocolVersion::RESP3;
-        let client =
-            if options.tls_ca_certificate.is_some() || options.tls_client_certificate.is_some() {
-                let read = |path: &PathBuf| {
-                    std::fs::read(path).map_err(|e| {
-                        redis::RedisError::from(std::io::Error::new(
-                            e.kind(),
-                            format!("cannot read TLS file {}: {e}", path.display()),
-                        ))
-                    })
-                };
-                let client_tls = match &options.tls_client_certificate {
-                    Some((cert, key)) => Some(redis::ClientTlsConfig {
-                        client_cert: read(cert)?,
-                        client_key: read(key)?,
-                    }),
-                    None => None,
-                };
-                let root_cert = options.tls_ca_certificate.as_ref().map(read).transpose()?;
-                redis::Client::build_with_tls(
-                    info,
-                    redis::TlsCertificates {
-                        client_tls,
-                        root_cert,
-                    },
-                )?
-            } else {
-                redis::Client::open(info)?
-            };
+        let client = match &options.password_file {
+            // Fails now, not at the first command, when the file cannot be read.
+            Some(file) => build_client(with_password(&info, &read_password(file)?), &options)?,
+            None => build_client(info.clone(), &options)?,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                info,
                 options,
                 manager: Mutex::new(None),
                 used: AtomicBool::new(false),
@@ -233,9 +219,23 @@ impl RedisConnection {
         &self.inner.options
     }
 
-    /// The redis-rs client (for a dedicated connection, e.g. pub/sub).
+    /// The redis-rs client (for a dedicated connection). Built with the password of the moment it was
+    /// opened; [`pubsub`](Self::pubsub) follows a [password file](RedisOptions::password_file).
     pub fn client(&self) -> &redis::Client {
         &self.inner.client
+    }
+
+    /// A new pub/sub connection, authenticated with the password file's current contents if there is one.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, redis::RedisError> {
+        match &self.inner.options.password_file {
+            Some(file) => {
+                let info = with_password(&self.inner.info, &read_password(file)?);
+                build_client(info, &self.inner.options)?
+                    .get_async_pubsub()
+                    .await
+            }
+            None => self.inner.client.get_async_pubsub().await,
+        }
     }
 
     /// Whether the connection speaks RESP3 (`?protocol=resp3` in the URL).
@@ -274,7 +274,94 @@ impl Inner {
             .set_response_timeout(Some(o.response_timeout))
             .set_number_of_retries(o.reconnect_retries)
             .set_max_delay(o.max_reconnect_delay);
+        let config = match &o.password_file {
+            Some(file) => config.set_credentials_provider(PasswordFile {
+                path: file.clone(),
+                username: self.info.redis_settings().username().map(str::to_string),
+            }),
+            None => config,
+        };
         ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+    }
+}
+
+/// A redis-rs client for `info`, with the TLS files of `options`.
+fn build_client(
+    info: redis::ConnectionInfo,
+    options: &RedisOptions,
+) -> Result<redis::Client, redis::RedisError> {
+    if options.tls_ca_certificate.is_none() && options.tls_client_certificate.is_none() {
+        return redis::Client::open(info);
+    }
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| {
+            redis::RedisError::from(std::io::Error::new(
+                e.kind(),
+                format!("cannot read TLS file {}: {e}", path.display()),
+            ))
+        })
+    };
+    let client_tls = match &options.tls_client_certificate {
+        Some((cert, key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        None => None,
+    };
+    let root_cert = options.tls_ca_certificate.as_ref().map(read).transpose()?;
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+}
+
+/// `info` with `password`.
+fn with_password(info: &redis::ConnectionInfo, password: &str) -> redis::ConnectionInfo {
+    let settings = info.redis_settings().clone().set_password(password);
+    info.clone().set_redis_settings(settings)
+}
+
+/// The password in `file` (without its trailing newline). The error names the file, never its contents.
+fn read_password(file: &std::path::Path) -> Result<String, redis::RedisError> {
+    match std::fs::read_to_string(file) {
+        Ok(text) => Ok(text.trim_end_matches(['\n', '\r']).to_string()),
+        Err(e) => Err(redis::RedisError::from(std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot read the Redis password file {}: {e}",
+                file.display()
+            ),
+        ))),
+    }
+}
+
+/// The credentials of a connection with a [password file](RedisOptions::password_file): redis-rs asks for
+/// them at every (re)connection of the command connection, and the file is read then.
+struct PasswordFile {
+    path: PathBuf,
+    username: Option<String>,
+}
+
+impl redis::StreamingCredentialsProvider for PasswordFile {
+    fn subscribe(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = redis::RedisResult<redis::BasicAuth>> + Send + 'static>,
+    > {
+        use futures_util::StreamExt;
+        // `AUTH default <password>` is what `AUTH <password>` means on Redis 6 and later.
+        let username = self.username.clone().unwrap_or_else(|| "default".into());
+        let auth =
+            read_password(&self.path).map(|password| redis::BasicAuth::new(username, password));
+        // One item: the connection authenticates with it. A live connection stays authenticated when the
+        // password changes on the server; only new connections need the new one.
+        Box::pin(
+            futures_util::stream::once(std::future::ready(auth))
+                .chain(futures_util::stream::pending()),
+        )
     }
 }
 
@@ -331,5 +418,24 @@ async fn watch_commands(inner: Weak<Inner>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RedisConnection, RedisOptions};
+
+    #[test]
+    fn an_unreadable_password_file_is_an_error_that_names_the_file() {
+        let options = RedisOptions {
+            password_file: Some("/nonexistent/binding/password".into()),
+            ..RedisOptions::default()
+        };
+        let err = RedisConnection::open_with("redis://app@127.0.0.1:1", options).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("cannot read the Redis password file /nonexistent/binding/password"),
+            "{text}"
+        );
     }
 }

@@ -243,13 +243,10 @@ async fn run_pubsub(
 /// Opens the pub/sub connection and subscribes every channel, within the connection and response timeouts.
 async fn connect(connection: &RedisConnection, subscriptions: &Fanout) -> Result<Session, String> {
     let options = connection.options();
-    let pubsub = tokio::time::timeout(
-        options.connection_timeout,
-        connection.client().get_async_pubsub(),
-    )
-    .await
-    .map_err(|_| "connection timed out".to_string())?
-    .map_err(|e| e.to_string())?;
+    let pubsub = tokio::time::timeout(options.connection_timeout, connection.pubsub())
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| e.to_string())?;
     let (mut sink, stream) = pubsub.split();
     let channels = subscriptions.channels();
     if !channels.is_empty() {
