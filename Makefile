@@ -9,6 +9,7 @@
 #   make msrv                     fails when a locked dependency needs a newer Rust than rust-version
 #   make bench                    benchmarks, printed as tables with ratios against raw baselines
 #   make bench-redis bench-nats RUNS=2 WAIT_QUIET=900   the transport benchmarks, twice, each on a quiet machine
+#   make bench-peers RUNS=2 WAIT_QUIET=300   fusioncache against sisa-caching-hybrid and multi-tier-cache (not in `make bench`)
 #   make coherence                N node processes under faults: stale reads, lost writes, convergence (not in CI)
 #                                 COHERENCE_ARGS="--redis-url redis://… --nats-url nats://…" measures your servers
 #   make crd                      regenerates manifests/crd.yaml (and the chart's copy) from the Rust types
@@ -20,7 +21,7 @@ L2 ?=
 COHERENCE_ARGS ?=
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps fmt-check clippy unit features msrv docs chart operator-e2e bench bench-engine bench-redis bench-nats coherence crd install-manifest fuzz
+.PHONY: demo test deps fmt-check clippy unit features msrv docs chart operator-e2e bench bench-engine bench-redis bench-nats bench-peers coherence crd install-manifest fuzz
 
 demo:
 	$(CARGO) run -q -p fusioncache --example demo -- $(BACKPLANE) $(L2)
@@ -87,6 +88,19 @@ bench-redis bench-nats: bench-transport-build
 
 bench-transport-build:
 	$(CARGO) build --release -p fusioncache-integration-tests --bin transport-bench
+
+# fusioncache against its closest Rust peers (sisa-caching-hybrid, multi-tier-cache), one harness, one private
+# redis-server: benches/peers, a crate outside the workspace (`make test` never builds it), with its own target
+# dir. RUNS and WAIT_QUIET as above; BENCH_LOCK prefixes the build and each run, e.g.
+# `BENCH_LOCK="flock /tmp/bench.lock"` on a machine shared with other builds.
+BENCH_LOCK ?=
+PEERS_TARGET ?= target/peers
+
+bench-peers:
+	$(BENCH_LOCK) $(CARGO) build --release --manifest-path benches/peers/Cargo.toml --target-dir $(PEERS_TARGET)
+	@for i in $$(seq $(RUNS)); do \
+	  $(BENCH_LOCK) $(PEERS_TARGET)/release/peers-bench $(if $(WAIT_QUIET),--wait-quiet $(WAIT_QUIET)) || exit 1; \
+	done
 
 # Where the end-to-end throughput's time goes: perf (software cpu-clock event, DWARF call graphs) over the
 # timed fusioncache rounds only (TRANSPORT=redis|nats); the profile stays in target/perf-e2e.data.
