@@ -1264,8 +1264,11 @@ mod tests {
         for (k, v) in p.secret.data.as_ref().unwrap() {
             std::fs::write(dir.join(k), &v.0).unwrap();
         }
-        let from_binding = FusionCacheConfig::from_binding_dir(&dir).unwrap();
+        let mut from_binding = FusionCacheConfig::from_binding_dir(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+        // Read from a binding, the password also names its file (read again at every reconnection).
+        let password_file = from_binding.redis.as_mut().unwrap().password_file.take();
+        assert_eq!(password_file, Some(dir.join(env::REDIS_PASSWORD)));
         assert_eq!(from_binding, p.config);
         let redis = from_binding.redis.unwrap();
         assert_eq!(redis.username.as_deref(), Some("fc.shop.products"));
