@@ -21,7 +21,7 @@
 //!   checked): its count would not be notifications.
 
 use std::cell::Cell;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,9 @@ use fusioncache::backplane::redis::RedisBackplane;
 use fusioncache::l2::redis::RedisDistributedCache;
 use fusioncache::redis::RedisConnection;
 use fusioncache::{EntryOptions, FusionCache};
+use fusioncache_testkit::bench::{
+    cpus_allowed, load_average, median, percentiles, pin, pin_server, wait_for_quiet, QUIET_LOAD,
+};
 use fusioncache_testkit::RedisServer;
 use futures_util::StreamExt;
 use multi_tier_cache::{
@@ -79,8 +82,6 @@ const RAW_CHANNEL: &str = "rawpeers.bench";
 const RAW_KEY: &str = "rawpeers:latency";
 /// The raw baselines' message size (fusioncache's Set message for a short key is 61 bytes).
 const RAW_PAYLOAD_BYTES: usize = 64;
-/// The 1-minute load average above which the machine is not quiet (the table is flagged).
-const QUIET_LOAD: f64 = 0.8;
 
 fn main() -> ExitCode {
     // First thing: pin this process to core 0; every thread created later inherits the mask.
@@ -95,7 +96,7 @@ fn main() -> ExitCode {
         _ => return usage(),
     };
     if let Some(limit) = wait_quiet {
-        wait_for_quiet(limit);
+        wait_for_quiet("peers-bench", limit);
     }
     match run(self_pin) {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,28 +112,6 @@ fn usage() -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Waits (polling every 5 s) until the 1-minute load average is at most `QUIET_LOAD`, at most `limit`;
-/// then goes on either way (the output says whether the machine was quiet).
-fn wait_for_quiet(limit: Duration) {
-    let t0 = Instant::now();
-    loop {
-        match load_average() {
-            Ok(load) if load <= QUIET_LOAD => return,
-            Ok(load) if t0.elapsed() < limit => {
-                eprintln!("peers-bench: 1-minute load average {load:.2} > {QUIET_LOAD}, waiting");
-            }
-            Ok(load) => {
-                eprintln!(
-                    "peers-bench: 1-minute load average still {load:.2} after {limit:?}, measuring anyway"
-                );
-                return;
-            }
-            Err(_) => return, // the run itself reports it
-        }
-        std::thread::sleep(Duration::from_secs(5));
-    }
-}
-
 fn run(self_pin: Result<(), String>) -> Res<()> {
     let started = Instant::now();
     let load_before = load_average()?;
@@ -145,7 +124,7 @@ fn run(self_pin: Result<(), String>) -> Res<()> {
     let pid = server
         .pid()
         .ok_or("redis-server exited right after it started")?;
-    let server_pin = pin_server(pid);
+    let server_pin = pin_server("redis-server", pid);
     let report = rt.block_on(bench(&server.url()))?;
     let load_after = load_average()?;
 
@@ -226,22 +205,6 @@ struct Row {
     decimals: usize,
 }
 
-/// p50 / p99 (nearest rank) in microseconds.
-fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
-    samples.sort_unstable();
-    let at = |q: f64| {
-        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-        samples[rank - 1].as_secs_f64() * 1e6
-    };
-    (at(0.50), at(0.99))
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn list(values: &[f64]) -> String {
     values
         .iter()
@@ -252,65 +215,6 @@ fn list(values: &[f64]) -> String {
 
 // ---------------------------------------------------------------------------------------------------------
 // Machine
-
-/// Pins every thread of `pid` to `core` with `taskset -a -cp`.
-fn pin(pid: u32, core: u32) -> Result<(), String> {
-    let out = Command::new("taskset")
-        .args(["-a", "-cp", &core.to_string(), &pid.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run taskset: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`taskset -a -cp {core} {pid}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn pin_server(pid: u32) -> String {
-    match pin(pid, 1) {
-        Ok(()) => format!(
-            "redis-server (pid {pid}) pinned to core 1, all threads (taskset -a -cp 1; cpus allowed: {})",
-            cpus_allowed(pid)
-        ),
-        Err(e) => format!("WARNING: redis-server (pid {pid}) is not pinned to core 1: {e}"),
-    }
-}
-
-/// The CPUs every thread of `pid` may run on, from /proc (distinct lists joined by ` / `).
-fn cpus_allowed(pid: u32) -> String {
-    let mut lists: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .map(|v| v.trim().to_string())
-        })
-        .collect();
-    lists.sort();
-    lists.dedup();
-    if lists.is_empty() {
-        "unknown".to_string()
-    } else {
-        lists.join(" / ")
-    }
-}
-
-fn load_average() -> Res<f64> {
-    let text = std::fs::read_to_string("/proc/loadavg")
-        .map_err(|e| format!("cannot read /proc/loadavg: {e}"))?;
-    text.split_whitespace()
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("unexpected /proc/loadavg: {text:?}").into())
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // The libraries

@@ -49,6 +49,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 mod nats;
 mod net;
 mod process;
