@@ -31,7 +31,8 @@ use fusioncache::l2::redis::RedisDistributedCache;
 use fusioncache::redis::RedisConnection;
 use fusioncache::{EntryOptions, FusionCache};
 use fusioncache_testkit::bench::{
-    cpus_allowed, load_average, median, percentiles, pin, pin_server, wait_for_quiet, QUIET_LOAD,
+    cpus_allowed, load_average, median, percentiles, pin, pin_server, wait_for_quiet, within,
+    QUIET_LOAD,
 };
 use fusioncache_testkit::RedisServer;
 use futures_util::StreamExt;
@@ -488,17 +489,6 @@ async fn spin(d: Duration) {
     while t.elapsed() < d {
         tokio::task::yield_now().await;
     }
-}
-
-/// Runs `fut`, failing with a message naming `what` after `limit`.
-async fn within<T>(
-    limit: Duration,
-    what: &str,
-    fut: impl std::future::Future<Output = T>,
-) -> Res<T> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .map_err(|_| format!("timed out after {limit:?} waiting for {what}").into())
 }
 
 /// The raw clients: one multiplexed connection (SET, PUBLISH) and a subscriber on its own connection.

@@ -108,6 +108,17 @@ pub fn median(values: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// `fut`, or an error naming `what` once `limit` has passed.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, String> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| format!("timed out after {limit:?} waiting for {what}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{median, percentiles};

@@ -31,7 +31,8 @@ use fusioncache::l2::redis::RedisDistributedCache;
 use fusioncache::redis::RedisConnection;
 use fusioncache::{EntryOptions, FusionCache};
 use fusioncache_testkit::bench::{
-    cpus_allowed, load_average, median, percentiles, pin, pin_server, wait_for_quiet, QUIET_LOAD,
+    cpus_allowed, load_average, median, percentiles, pin, pin_server, wait_for_quiet, within,
+    QUIET_LOAD,
 };
 use fusioncache_testkit::{NatsServer, RedisServer};
 use futures_util::StreamExt;
@@ -328,17 +329,6 @@ fn throughput_row(what: &str, fc: &[FcRound], raw: &[f64]) -> (Row, Vec<String>)
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers
-
-/// Runs `fut`, failing with a message naming `what` after `limit`.
-async fn within<T>(
-    limit: Duration,
-    what: &str,
-    fut: impl std::future::Future<Output = T>,
-) -> Res<T> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .map_err(|_| format!("timed out after {limit:?} waiting for {what}").into())
-}
 
 /// Yields until `cond` holds, at most `limit`.
 async fn settle(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Res<()> {
