@@ -208,9 +208,6 @@ async fn a_set_whose_command_connection_is_killed_still_reaches_l2_and_the_peers
     println!("{failed_writes} of 10 sets hit the killed connection and were recovered");
 }
 
-/// Two caches share one transport and a third node writes through another: the first cache's receive
-/// loop is blocked by its listener. The other cache must get every notification, the transport must stay
-/// connected (its health checks go on), and the blocked cache must learn that it missed some.
 /// Sets the flag to `false` when dropped.
 struct Release(Arc<AtomicBool>);
 
@@ -220,6 +217,9 @@ impl Drop for Release {
     }
 }
 
+/// Two caches share one transport and a third node writes through another: the first cache's receive
+/// loop is blocked by its listener. The other cache must get every notification, the transport must stay
+/// connected (its health checks go on), and the blocked cache must learn that it missed some.
 async fn a_blocked_cache_does_not_stall_the_others(
     shared: Arc<dyn Backplane>,
     writer_backplane: Arc<dyn Backplane>,

@@ -74,7 +74,7 @@ pub struct RedisOptions {
     /// A file that holds the password (a mounted Secret, such as the operator's binding), in place of the
     /// URL's: read again at every connection and reconnection, so that after a rotation the live
     /// connections authenticate with the new password the next time they connect. A trailing newline is
-    /// not part of the password.
+    /// not part of the password. Without a user in the URL it authenticates as `default` (Redis 6 or later).
     pub password_file: Option<PathBuf>,
 }
 
