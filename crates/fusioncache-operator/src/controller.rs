@@ -181,12 +181,18 @@ fn object_key(fc: &FusionCache) -> String {
     format!("{}/{}", fc.namespace().unwrap_or_default(), fc.name_any())
 }
 
-/// Reconciles one FusionCache.
+/// Reconciles one FusionCache, in a `reconcile` span (the resource and its generation) that every log line
+/// of the reconcile carries.
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(resource = %object_key(&fc), generation = fc.metadata.generation)
+)]
 pub async fn reconcile(fc: Arc<FusionCache>, ctx: Arc<Context>) -> Result<Action> {
     let _serial = ctx.serial.lock().await;
     let _measure = ctx.metrics.reconcile.count_and_measure();
     let key = object_key(&fc);
-    debug!(resource = %key, "reconciling");
+    debug!("reconciling");
     let result = match reconcile::finalizer_step(&fc, FINALIZER) {
         FinalizerStep::Nothing => Ok(Action::await_change()),
         FinalizerStep::Cleanup { skip } => cleanup(&fc, &ctx, skip).await,

@@ -209,6 +209,12 @@ async fn lifecycle_create_update_repair_restart_relist_lose_and_delete() {
         !op.log().contains(&password),
         "the password is never logged"
     );
+    assert!(
+        op.log()
+            .contains("reconcile{resource=shop/products generation=1}"),
+        "the reconcile's log lines carry its span:\n{}",
+        op.log()
+    );
 
     stage("Spec update");
     // Spec update → a new observedGeneration and a re-rendered ConfigMap; the database is kept.
