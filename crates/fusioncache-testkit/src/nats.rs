@@ -183,9 +183,10 @@ impl NatsServer {
 
     /// Stalls the server (SIGSTOP): its sockets stay open and the kernel
     /// still accepts bytes, but nothing is answered until
-    /// [`resume`](Self::resume). A no-op while stopped.
+    /// [`resume`](Self::resume). Returns once every thread of the server is stopped. A no-op while
+    /// stopped.
     pub fn stall(&self) -> io::Result<()> {
-        self.proc_.signal(libc::SIGSTOP)
+        self.proc_.stall()
     }
 
     /// Resumes a stalled server (SIGCONT). A no-op while stopped.

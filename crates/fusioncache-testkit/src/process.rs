@@ -82,6 +82,26 @@ impl Proc {
         }
     }
 
+    /// Stops the process (SIGSTOP) and returns once every one of its threads is stopped: the signal is
+    /// delivered asynchronously, and a thread still running could answer one more request. Waits at most
+    /// 2 s. A no-op without a running process.
+    pub(crate) fn stall(&self) -> io::Result<()> {
+        self.signal(libc::SIGSTOP)?;
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !all_threads_stopped(pid) {
+            if std::time::Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "process {pid} not stopped 2 s after SIGSTOP"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     /// Asks the process to exit (SIGTERM, after a SIGCONT in case it is
     /// stalled), waits up to `grace` for it, then kills it. Never panics.
     pub(crate) fn terminate(&self, grace: Duration) {
@@ -201,4 +221,19 @@ pub(crate) fn log_tail(files: &[&Path]) -> String {
 /// Creates a fresh temporary directory with a recognisable prefix.
 pub(crate) fn temp_dir(prefix: &str) -> io::Result<tempfile::TempDir> {
     tempfile::Builder::new().prefix(prefix).tempdir()
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in `/proc/{pid}/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) state …`: the command name may hold spaces and parentheses.
+            stat.rfind(')')
+                .and_then(|end| stat[end + 1..].split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        })
+    })
 }
