@@ -9,21 +9,8 @@ use fusioncache::backplane::{now_ticks, Action, Backplane, BackplaneMessage, Mem
 use fusioncache::l2::MemoryDistributedCache;
 use fusioncache::{EntryOptions, Error, FusionCache};
 
-const WAIT: Duration = Duration::from_secs(5);
-
-/// Polls `cond` until it holds or `WAIT` passes; returns whether it held.
-async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if cond() {
-            return true;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
+mod common;
+use common::{eventually, s, WAIT};
 
 struct Cluster {
     nodes: Vec<FusionCache<String>>,
@@ -48,10 +35,6 @@ async fn cluster(n: usize, with_l2: bool, options: EntryOptions) -> Cluster {
         nodes.push(node);
     }
     Cluster { nodes, bus, l2 }
-}
-
-fn s(v: &str) -> String {
-    v.to_string()
 }
 
 #[tokio::test]

@@ -12,22 +12,8 @@ use fusioncache::l2::MemoryDistributedCache;
 use fusioncache::testing::{FaultyL2, L2Faults};
 use fusioncache::{EntryOptions, FusionCache};
 
-const WAIT: Duration = Duration::from_secs(5);
-
-async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    cond()
-}
-
-fn s(v: &str) -> String {
-    v.to_string()
-}
+mod common;
+use common::{eventually, s, WAIT};
 
 /// A node whose L2 (the shared `store`) goes through fault switches of its own.
 async fn node(

@@ -9,19 +9,10 @@ use fusioncache::l2::MemoryDistributedCache;
 use fusioncache::testing::{BackplaneFaults, FaultyBackplane, FaultyL2, L2Faults};
 use fusioncache::{EntryOptions, FusionCache};
 
-const RETRY: Duration = Duration::from_millis(300);
+mod common;
+use common::within;
 
-/// Polls `cond` until it holds or `within` passes.
-async fn within(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    cond()
-}
+const RETRY: Duration = Duration::from_millis(300);
 
 struct Node {
     cache: FusionCache<u64>,

@@ -10,18 +10,8 @@ use fusioncache::l2::MemoryDistributedCache;
 use fusioncache::testing::FaultyL2;
 use fusioncache::{CacheNotifier, EntryOptions, FusionCache};
 
-const WAIT: Duration = Duration::from_secs(5);
-
-async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    cond()
-}
+mod common;
+use common::{eventually, WAIT};
 
 fn fail_safe() -> EntryOptions {
     EntryOptions::new()
