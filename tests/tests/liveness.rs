@@ -134,22 +134,43 @@ async fn a_black_holed_redis_node_is_disconnected_within_the_bound_then_reconnec
     converged(&[&a, &b], "k", "v3").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_black_holed_nats_node_is_disconnected_within_the_bound_then_reconnects_and_converges() {
+/// Entries that stay fresh through a test: only notifications change them.
+fn long_lived() -> EntryOptions {
+    EntryOptions::new().duration(Duration::from_secs(600))
+}
+
+/// A NATS server and a Redis L2 (kept alive by the first element), a proxy in front of the NATS server,
+/// node `a` through the proxy and `direct` nodes straight to the server.
+async fn nats_nodes_one_behind_a_proxy(
+    direct: usize,
+) -> (
+    (NatsServer, RedisServer),
+    FaultProxy,
+    FusionCache<String>,
+    Vec<FusionCache<String>>,
+) {
     let nats = NatsServer::start().unwrap();
     let redis = RedisServer::start().unwrap();
     let proxy = FaultProxy::start(("127.0.0.1", nats.port())).unwrap();
-    let opts = EntryOptions::new().duration(Duration::from_secs(600));
     let a = nats_node(
         &via(&proxy, "nats"),
         Some(&redis.url()),
         "products",
-        opts.clone(),
+        long_lived(),
     )
     .await;
-    let b = nats_node(&nats.url(), Some(&redis.url()), "products", opts.clone()).await;
-    let c = nats_node(&nats.url(), Some(&redis.url()), "products", opts).await;
-    connected(&[&a, &b, &c]).await;
+    let mut others = Vec::new();
+    for _ in 0..direct {
+        others.push(nats_node(&nats.url(), Some(&redis.url()), "products", long_lived()).await);
+    }
+    ((nats, redis), proxy, a, others)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_nats_node_is_disconnected_within_the_bound_then_reconnects_and_converges() {
+    let (_servers, proxy, a, direct) = nats_nodes_one_behind_a_proxy(2).await;
+    let [b, c] = &direct[..] else { unreachable!() };
+    connected(&[&a, b, c]).await;
     b.set("k", s("v1")).await.unwrap();
     assert_eq!(a.get("k").await, Some(s("v1")));
 
@@ -161,7 +182,7 @@ async fn a_black_holed_nats_node_is_disconnected_within_the_bound_then_reconnect
 
     proxy.pass();
     connected(&[&a]).await;
-    converged(&[&a, &b, &c], "k", "v2").await;
+    converged(&[&a, b, c], "k", "v2").await;
     a.set("k", s("v3")).await.unwrap();
     assert!(
         eventually(
@@ -169,7 +190,37 @@ async fn a_black_holed_nats_node_is_disconnected_within_the_bound_then_reconnect
         )
         .await
     );
-    converged(&[&b, &c], "k", "v3").await;
+    converged(&[b, c], "k", "v3").await;
+}
+
+/// A notification sent into a link that died without a word (the flow stranded: its bytes go nowhere)
+/// gets no receipt from the NATS server, so it is queued and sent again once the node has reconnected:
+/// the other nodes do not keep the old value. (Sent and forgotten, it was lost: B kept `v1`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_notification_lost_in_a_dead_link_is_sent_again_after_the_reconnection() {
+    let (_servers, proxy, a, direct) = nats_nodes_one_behind_a_proxy(1).await;
+    let b = &direct[0];
+    connected(&[&a, b]).await;
+    for (key, value) in [("background", "v1"), ("awaited", "v1")] {
+        a.set(key, s(value)).await.unwrap();
+        assert_eq!(b.get(key).await.as_deref(), Some(value));
+    }
+
+    proxy.strand();
+    // L2 takes both writes; both notifications go into the dead flow, one from the publisher task, one
+    // awaited by `set` (which returns once it is queued for auto-recovery).
+    a.set("background", s("v2")).await.unwrap();
+    let awaited = long_lived().background_backplane_operations(false);
+    a.set_with("awaited", s("v2"), &awaited).await.unwrap();
+    for key in ["background", "awaited"] {
+        assert!(
+            eventually(|| b.peek(key).as_deref() != Some("v1")).await,
+            "b still serves the old value of {key}: its notification was lost"
+        );
+    }
+    assert!(a.stats().backplane_reconnects >= 1);
+    converged(&[&a, b], "background", "v2").await;
+    converged(&[&a, b], "awaited", "v2").await;
 }
 
 /// Stalls the backplane server of `nodes`: every node reports `Disconnected` within the bound; once the

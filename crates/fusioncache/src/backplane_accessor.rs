@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backplane::{
-    Action, Backplane, BackplaneError, BackplaneEvent, BackplaneMessage, Subscription,
+    Action, Backplane, BackplaneError, BackplaneEvent, BackplaneMessage, Confirmation, Subscription,
 };
 use crate::cache::{BackplaneState, Inner};
 use crate::circuit_breaker::CircuitBreaker;
@@ -112,13 +112,16 @@ impl BackplaneAccessor {
         self.published(key, action, result)
     }
 
-    /// Publishes a batch of notifications in order, as one pipeline or flush where the transport can.
-    pub async fn publish_all(&self, batch: &[Outgoing]) -> Vec<Result<(), BackplaneError>> {
+    /// Sends a batch of notifications in order, as one pipeline or flush where the transport can; the
+    /// returned future gives their results once the transport knows them (record them with
+    /// [`published_all`](Self::published_all)).
+    pub async fn send_all(&self, batch: &[Outgoing]) -> Confirmation {
         if self.breaker.is_open() {
-            return batch
+            let open = batch
                 .iter()
                 .map(|_| Err(BackplaneError::CircuitOpen))
                 .collect();
+            return Box::pin(std::future::ready(open));
         }
         let payloads = batch
             .iter()
@@ -126,7 +129,15 @@ impl BackplaneAccessor {
                 BackplaneMessage::new(&self.instance_id, o.timestamp, o.action, &o.key).encode()
             })
             .collect();
-        let results = self.backplane.publish_batch(&self.channel, payloads).await;
+        self.backplane.send_batch(&self.channel, payloads).await
+    }
+
+    /// Records the results of a batch sent with [`send_all`](Self::send_all).
+    pub fn published_all(
+        &self,
+        batch: &[Outgoing],
+        results: Vec<Result<(), BackplaneError>>,
+    ) -> Vec<Result<(), BackplaneError>> {
         batch
             .iter()
             .zip(results)

@@ -5,7 +5,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::auto_recovery::RecoveryItem;
-use crate::backplane::{now_ticks, Action};
+use crate::backplane::{now_ticks, Action, BackplaneError};
 use crate::backplane_accessor::Outgoing;
 use crate::cache::Inner;
 use crate::error::Error;
@@ -341,22 +341,54 @@ const PUBLISH_QUEUE: usize = 65_536;
 /// The most notifications sent as one batch.
 const PUBLISH_BATCH: usize = 512;
 
-/// The publisher task of a cache: sends the notifications queued since the last batch as one batch, and
-/// queues the failed ones for auto-recovery. Ends when the cache is dropped.
+/// The most batches the publisher has sent and waits to be confirmed (NATS receipts) at a time.
+const PUBLISHES_IN_FLIGHT: usize = 16;
+
+/// The publisher task of a cache: sends the notifications queued since the last batch as one batch (in
+/// order), without waiting for the previous batches to be confirmed, and queues the failed ones for
+/// auto-recovery. Ends when the cache is dropped.
 async fn run_publisher<V>(cache: Weak<Inner<V>>, mut rx: tokio::sync::mpsc::Receiver<Outgoing>)
 where
     V: Clone + Send + Sync + 'static,
 {
-    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-    while rx.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
-        let Some(inner) = cache.upgrade() else { return };
-        let Some(bp) = &inner.backplane else { return };
-        let results = bp.publish_all(&batch).await;
-        for (o, result) in batch.drain(..).zip(results) {
-            if result.is_err() {
-                let item = RecoveryItem::new(o.action, o.timestamp, None, true, o.expires_at_ms);
-                inner.queue_for_recovery(&o.key, item);
+    use futures_util::StreamExt;
+    let mut confirming = futures_util::stream::FuturesOrdered::new();
+    loop {
+        let mut batch = Vec::new();
+        tokio::select! {
+            biased;
+            Some((sent, results)) = confirming.next(), if !confirming.is_empty() => {
+                let Some(inner) = cache.upgrade() else { return };
+                settle(&inner, sent, results);
             }
+            received = rx.recv_many(&mut batch, PUBLISH_BATCH), if confirming.len() < PUBLISHES_IN_FLIGHT => {
+                if received == 0 {
+                    break;
+                }
+                let Some(inner) = cache.upgrade() else { return };
+                let Some(bp) = &inner.backplane else { return };
+                let confirmation = bp.send_all(&batch).await;
+                confirming.push_back(async move { (batch, confirmation.await) });
+            }
+        }
+    }
+    while let Some((sent, results)) = confirming.next().await {
+        let Some(inner) = cache.upgrade() else { return };
+        settle(&inner, sent, results);
+    }
+}
+
+/// Records the results of a batch of the publisher and queues its failed notifications for auto-recovery.
+fn settle<V>(inner: &Arc<Inner<V>>, batch: Vec<Outgoing>, results: Vec<Result<(), BackplaneError>>)
+where
+    V: Clone + Send + Sync + 'static,
+{
+    let Some(bp) = &inner.backplane else { return };
+    let results = bp.published_all(&batch, results);
+    for (o, result) in batch.into_iter().zip(results) {
+        if result.is_err() {
+            let item = RecoveryItem::new(o.action, o.timestamp, None, true, o.expires_at_ms);
+            inner.queue_for_recovery(&o.key, item);
         }
     }
 }

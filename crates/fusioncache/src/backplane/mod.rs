@@ -163,6 +163,10 @@ impl Subscription {
     }
 }
 
+/// The results of a batch handed to [`Backplane::send_batch`], once the transport knows them.
+#[doc(hidden)]
+pub type Confirmation = BoxFuture<'static, Vec<Result<(), BackplaneError>>>;
+
 /// A message bus carrying opaque payloads on named channels.
 ///
 /// Implementations are cheap to share (`Arc`), let several caches of a process share one connection, and
@@ -192,6 +196,24 @@ pub trait Backplane: Send + Sync + 'static {
                 results.push(self.publish(channel, payload).await);
             }
             results
+        })
+    }
+
+    /// Sends `payloads` on `channel`, in order, and returns the future of their results: a transport that
+    /// learns later that the server took them (NATS receipts) returns once they are sent, so that the next
+    /// batch can go out while this one is confirmed. The default awaits
+    /// [`publish_batch`](Self::publish_batch) and returns its results.
+    #[doc(hidden)]
+    // The confirmation is returned to be awaited later, on purpose.
+    #[allow(clippy::async_yields_async)]
+    fn send_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        payloads: Vec<Bytes>,
+    ) -> BoxFuture<'a, Confirmation> {
+        Box::pin(async move {
+            let results = self.publish_batch(channel, payloads).await;
+            Box::pin(std::future::ready(results)) as Confirmation
         })
     }
 

@@ -10,6 +10,10 @@
 //! [`PROBE_KEY`](super::PROBE_KEY)) that must come back through its subscription, so a half-open
 //! connection, a stalled server and a subscription the server dropped are all noticed.
 //!
+//! A publish succeeds once the server has routed it: each batch is followed by a receipt request to an
+//! inbox of the connection's own, which comes back only after the server has handled everything sent
+//! before it. A batch left unconfirmed for the liveness bound fails (the cache queues it and sends it again).
+//!
 //! Authentication and TLS are configured as async-nats users expect: in the URL
 //! (`nats://user:password@host:4222`, `nats://token@host:4222`, `tls://host:4222`) or in [`NatsOptions`]
 //! (credentials file, NKey seed, token, user/password, root CA and client certificate).
@@ -30,6 +34,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,11 +43,11 @@ use async_nats::{Client, ConnectOptions, Event, ServerAddr};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::fanout::Fanout;
 use super::liveness::{probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict};
-use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
+use super::{Backplane, BackplaneError, BackplaneEvent, Confirmation, Subscription};
 
 /// Checks that `subject` is a valid NATS subject to publish on: non-empty tokens separated by `.`, no
 /// whitespace, no wildcard (`*`, `>`).
@@ -331,6 +336,8 @@ pub struct NatsBackplane {
     liveness: Liveness,
     /// This backplane's probe message.
     probe: Bytes,
+    /// The server's receipts for what this connection sent.
+    receipts: Arc<Receipts>,
     events_task: tokio::task::AbortHandle,
 }
 
@@ -368,8 +375,10 @@ impl NatsBackplane {
             .map_err(|e| BackplaneError::Transport(e.to_string()))?;
         let subscriptions = Fanout::default();
         let ready = Ready::default();
+        let receipts = Arc::new(Receipts::start(&client).await?);
         let events_task = tokio::spawn(forward_connection_events(
             client.clone(),
+            Arc::clone(&receipts),
             subscriptions.clone(),
             ready.clone(),
             events_rx,
@@ -382,6 +391,7 @@ impl NatsBackplane {
             ready,
             liveness,
             probe: probe_message(&uuid::Uuid::new_v4().to_string()),
+            receipts,
             events_task,
         })
     }
@@ -395,6 +405,7 @@ impl NatsBackplane {
 impl Drop for NatsBackplane {
     fn drop(&mut self) {
         self.events_task.abort();
+        self.receipts.task.abort();
         let forwarders = self.forwarders.get_mut().unwrap_or_else(|e| e.into_inner());
         for (_, task) in forwarders.drain() {
             task.abort();
@@ -404,21 +415,89 @@ impl Drop for NatsBackplane {
 
 type Ready = Arc<Mutex<HashSet<String>>>;
 
-/// Proves that the server has processed every subscription this connection sent before: the server
-/// handles a connection's commands in order, so a message published to a fresh inbox of ours, after them,
-/// comes back only once they are all in place (`flush` only proves the bytes left the client).
-async fn confirm_subscriptions(client: &Client, timeout: Duration) -> bool {
-    let inbox = client.new_inbox();
-    let Ok(mut probe) = client.subscribe(inbox.clone()).await else {
-        return false;
-    };
-    if client.publish(inbox, Bytes::new()).await.is_err() || client.flush().await.is_err() {
-        return false;
+/// The server's receipts for what this connection sent. NATS core has no publish acknowledgement, but the
+/// server handles a connection's messages in order, and routes each one to its subscribers before it reads
+/// the next: a message to an inbox of ours, published after a batch, comes back only once the server has
+/// taken every message and subscription sent before it (`flush` only proves the bytes left the client).
+struct Receipts {
+    inbox: async_nats::Subject,
+    /// The number of the last receipt requested.
+    requested: AtomicU64,
+    /// The highest receipt number heard back.
+    heard: watch::Receiver<u64>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Receipts {
+    /// Subscribes to a fresh inbox of `client`'s (async-nats subscribes again after every reconnection).
+    async fn start(client: &Client) -> Result<Self, BackplaneError> {
+        let inbox = client.new_inbox();
+        let mut subscriber = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| BackplaneError::Transport(e.to_string()))?;
+        let (tx, heard) = watch::channel(0u64);
+        let task = tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                let Ok(number) = <[u8; 8]>::try_from(message.payload.as_ref()) else {
+                    continue;
+                };
+                let number = u64::from_le_bytes(number);
+                tx.send_if_modified(|highest| {
+                    let newer = number > *highest;
+                    if newer {
+                        *highest = number;
+                    }
+                    newer
+                });
+            }
+        })
+        .abort_handle();
+        Ok(Self {
+            inbox: inbox.into(),
+            requested: AtomicU64::new(0),
+            heard,
+            task,
+        })
     }
-    matches!(
-        tokio::time::timeout(timeout, probe.next()).await,
-        Ok(Some(_))
-    )
+
+    /// Waits up to `timeout` until the server has taken everything `client` sent before this call.
+    async fn confirm(&self, client: &Client, timeout: Duration) -> bool {
+        match self.request(client).await {
+            Some(number) => self.wait(number, timeout).await,
+            None => false,
+        }
+    }
+
+    /// Asks for a receipt of everything `client` sent so far; its number, `None` if it could not be sent.
+    /// Receipts are numbered after what they follow is sent, so any receipt numbered from ours on answers
+    /// for it (they may come back out of order).
+    async fn request(&self, client: &Client) -> Option<u64> {
+        let number = self.requested.fetch_add(1, Ordering::Relaxed) + 1;
+        let request = Bytes::copy_from_slice(&number.to_le_bytes());
+        client.publish(self.inbox.clone(), request).await.ok()?;
+        Some(number)
+    }
+
+    /// Waits up to `timeout` for receipt `number` (or a later one).
+    async fn wait(&self, number: u64, timeout: Duration) -> bool {
+        let mut heard = self.heard.clone();
+        let confirmed = tokio::time::timeout(timeout, heard.wait_for(|&highest| highest >= number))
+            .await
+            .is_ok_and(|heard| heard.is_ok());
+        confirmed
+    }
+}
+
+/// One error per message of a batch of `n` that failed as a whole.
+fn batch_failed(n: usize, error: BackplaneError) -> Vec<Result<(), BackplaneError>> {
+    let text = error.to_string();
+    let mut results = Vec::with_capacity(n);
+    if n > 0 {
+        results.push(Err(error));
+    }
+    results.extend((1..n).map(|_| Err(BackplaneError::Transport(text.clone()))));
+    results
 }
 
 /// Tells the subscriptions of every subject that reached the server that they are live.
@@ -436,6 +515,7 @@ async fn greet_ready(subscriptions: &Fanout, ready: &Ready) {
 
 async fn forward_connection_events(
     client: Client,
+    receipts: Arc<Receipts>,
     subscriptions: Fanout,
     ready: Ready,
     mut events: mpsc::UnboundedReceiver<Event>,
@@ -446,7 +526,7 @@ async fn forward_connection_events(
                 // async-nats re-sends the subscriptions: make sure they are in place before saying so.
                 let mut confirmed = false;
                 for attempt in 0..5u32 {
-                    if confirm_subscriptions(&client, Duration::from_secs(2)).await {
+                    if receipts.confirm(&client, Duration::from_secs(2)).await {
                         confirmed = true;
                         break;
                     }
@@ -485,6 +565,7 @@ async fn forward_connection_events(
 /// What a subject's forwarder needs.
 struct Forwarder {
     client: Client,
+    receipts: Arc<Receipts>,
     subscriptions: Fanout,
     ready: Ready,
     subject: String,
@@ -502,7 +583,11 @@ impl Forwarder {
         let mut subscriber = self.subscribe(&mut backoff).await;
         // Once the server has the SUB, the subject is live; from then on every (re)connection greets it.
         // async-nats re-sends the subscription by itself after a reconnection.
-        while !confirm_subscriptions(&self.client, Duration::from_secs(2)).await {
+        while !self
+            .receipts
+            .confirm(&self.client, Duration::from_secs(2))
+            .await
+        {
             tokio::time::sleep(backoff.next().unwrap_or(MAX_RECONNECT_DELAY)).await;
         }
         loop {
@@ -639,6 +724,7 @@ impl Backplane for NatsBackplane {
         } else {
             let forwarder = Forwarder {
                 client: self.client.clone(),
+                receipts: Arc::clone(&self.receipts),
                 subscriptions: self.subscriptions.clone(),
                 ready: self.ready.clone(),
                 subject: channel.to_string(),
@@ -657,14 +743,59 @@ impl Backplane for NatsBackplane {
         payload: Bytes,
     ) -> BoxFuture<'a, Result<(), BackplaneError>> {
         Box::pin(async move {
+            let mut results = self.publish_batch(channel, vec![payload]).await;
+            results.pop().unwrap_or(Err(BackplaneError::NotConnected))
+        })
+    }
+
+    /// Publishes the batch, then waits (up to the liveness bound) for the server's receipt: `Ok` means
+    /// the server has routed every message to the subscribers of `channel`. Unconfirmed messages are
+    /// errors (the cache queues and sends them again: a duplicate notification is harmless).
+    fn publish_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        payloads: Vec<Bytes>,
+    ) -> BoxFuture<'a, Vec<Result<(), BackplaneError>>> {
+        Box::pin(async move { self.send_batch(channel, payloads).await.await })
+    }
+
+    // The confirmation is returned to be awaited later, on purpose.
+    #[allow(clippy::async_yields_async)]
+    fn send_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        payloads: Vec<Bytes>,
+    ) -> BoxFuture<'a, Confirmation> {
+        Box::pin(async move {
+            let n = payloads.len();
+            let now = |results| Box::pin(std::future::ready(results)) as Confirmation;
             // async-nats would buffer while disconnected; the cache's own queue (one per key) is better.
             if self.client.connection_state() != State::Connected {
-                return Err(BackplaneError::NotConnected);
+                return now(batch_failed(n, BackplaneError::NotConnected));
             }
-            self.client
-                .publish(channel.to_string(), payload)
-                .await
-                .map_err(|e| BackplaneError::Transport(e.to_string()))
+            let subject = async_nats::Subject::from(channel.to_string());
+            for payload in payloads {
+                if let Err(e) = self.client.publish(subject.clone(), payload).await {
+                    return now(batch_failed(n, BackplaneError::Transport(e.to_string())));
+                }
+            }
+            let Some(number) = self.receipts.request(&self.client).await else {
+                return now(batch_failed(n, BackplaneError::NotConnected));
+            };
+            let (receipts, timeout) = (Arc::clone(&self.receipts), self.liveness.timeout);
+            Box::pin(async move {
+                if receipts.wait(number, timeout).await {
+                    (0..n).map(|_| Ok(())).collect()
+                } else {
+                    batch_failed(
+                        n,
+                        BackplaneError::Transport(format!(
+                            "the nats server did not confirm the publish within {} ms",
+                            timeout.as_millis()
+                        )),
+                    )
+                }
+            }) as Confirmation
         })
     }
 
