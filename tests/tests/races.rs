@@ -436,24 +436,54 @@ async fn three_nodes_under_concurrent_reads_and_writes_never_go_back_and_converg
     );
 }
 
-/// L2 and the backplane on one Redis connection: the write and its notification go as one pipeline. When
-/// Redis refuses the write (out of memory) but runs the PUBLISH, the others only re-read what L2 holds
-/// (never a value that is not there), the writer keeps its own value, and once Redis accepts writes
-/// again the queued write is replayed and announced.
+/// L2 and the backplane on one Redis connection, few nodes: the write and its notification go as one
+/// pipeline. When Redis refuses the write (out of memory) but runs the PUBLISH, the others only re-read
+/// what L2 holds (never a value that is not there), the writer keeps its own value, and once Redis accepts
+/// writes again the queued write is replayed and announced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_write_in_the_write_and_publish_pipeline_is_replayed() {
+    a_refused_write_is_replayed(true, 0, true).await;
+}
+
+/// A fleet (more subscribers on the channel than the pipeline allows): the write goes alone, so its
+/// refusal publishes nothing; the queued write is replayed and announced all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fleet_a_refused_write_publishes_nothing_until_replayed() {
+    a_refused_write_is_replayed(true, 10, false).await;
+}
+
+/// A fleet, but the notification awaited: pipelined whatever the fleet (`set` waits for the fan-out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fleet_an_awaited_notification_stays_in_the_pipeline_of_its_write() {
+    a_refused_write_is_replayed(false, 10, true).await;
+}
+
+/// `background`: the nodes' notifications in the background (the default) or awaited; `fleet`: how many
+/// more subscribers the channel has; `pipelined`: whether the write and its PUBLISH should go together.
+async fn a_refused_write_is_replayed(background: bool, fleet: usize, pipelined: bool) {
     let server = RedisServer::start().unwrap();
     let node = || {
         let redis = RedisConnection::open_with(&server.url(), fast_redis_options()).unwrap();
         FusionCache::<String>::builder()
             .name("products")
             .auto_recovery_delay(Duration::from_millis(300))
-            .default_entry_options(EntryOptions::new().duration(Duration::from_secs(120)))
+            .default_entry_options(
+                EntryOptions::new()
+                    .duration(Duration::from_secs(120))
+                    .background_backplane_operations(background),
+            )
             .distributed_cache(RedisDistributedCache::new(redis.clone()))
             .backplane(RedisBackplane::new(redis))
             .build()
             .unwrap()
     };
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut others = Vec::new();
+    for _ in 0..fleet {
+        let mut subscriber = client.get_async_pubsub().await.unwrap();
+        subscriber.subscribe("products.Backplane:v2").await.unwrap();
+        others.push(subscriber);
+    }
     let (a, b) = (node(), node());
     for n in [&a, &b] {
         assert!(n.wait_for_backplane(WAIT).await);
@@ -486,11 +516,17 @@ async fn a_refused_write_in_the_write_and_publish_pipeline_is_replayed() {
     let before = publishes();
     a.set("k", s("v2")).await.unwrap();
     assert_eq!(a.pending_recovery(), 1, "queued");
-    assert_eq!(
-        publishes(),
-        before + 1,
-        "the PUBLISH ran in the pipeline of the refused SET"
-    );
+    if pipelined {
+        assert_eq!(
+            publishes(),
+            before + 1,
+            "the PUBLISH ran in the pipeline of the refused SET"
+        );
+    } else {
+        // Not even once auto-recovery has retried the write (still refused).
+        assert!(eventually(|| a.stats().auto_recovery_retries >= 1).await);
+        assert_eq!(publishes(), before, "a refused write publishes nothing");
+    }
     assert_eq!(a.get("k").await, Some(s("v2")), "a reads its own write");
     assert!(
         eventually_async(|| async { b.get("k").await == Some(s("v1")) }).await,

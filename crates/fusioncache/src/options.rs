@@ -220,7 +220,14 @@ impl EntryOptions {
         self
     }
 
-    /// Sends backplane notifications in the background instead of awaiting them (default `true`).
+    /// Sends backplane notifications in the background instead of awaiting them (default `true`, as
+    /// FusionCache): a change returns once L1 and L2 are updated. With `false`, it returns once the
+    /// backplane's server has taken the notification (Redis answered the PUBLISH; NATS sent its receipt):
+    /// the other nodes have it, or are about to. With a Redis L2 and a Redis backplane on one connection,
+    /// the L2 write and the PUBLISH go as one pipeline (one round trip for both, and the other nodes have
+    /// the notification when the call returns); Redis answers it only after it has written the message to
+    /// every subscriber, so with `true` the pipeline is used only while the channel has at most 8
+    /// subscribers, and with `false` always (the wait then grows with the fleet).
     #[must_use]
     pub fn background_backplane_operations(mut self, enabled: bool) -> Self {
         self.background_backplane_operations = enabled;

@@ -236,10 +236,13 @@ where
 
     /// The L2 write and the notification of `op` as one Redis pipeline, when L2 and the backplane are
     /// this crate's Redis transports on one connection (Redis runs them in order, so the L2-then-notify
-    /// order holds, and the notification costs no round trip of its own). `None` when that does not apply
-    /// (or a breaker is open): the two-step path runs instead. If the write fails while the notification
-    /// went out, the others just re-read what L2 holds; the change is queued and announced again once
-    /// it is written.
+    /// order holds, and the notification costs no round trip of its own). Redis answers a pipeline only
+    /// once it has written the PUBLISH to every subscriber, so a notification in the background is
+    /// pipelined only while the channel's last PUBLISH reached at most [`PIPELINED_FLEET`] subscribers;
+    /// past that the caller would wait for a fan-out that grows with the fleet. `None` when that does not
+    /// apply (or a breaker is open): the two-step path runs instead. If the write fails while the
+    /// notification went out, the others just re-read what L2 holds; the change is queued and announced
+    /// again once it is written.
     #[cfg(feature = "redis")]
     async fn pipelined(
         self: &Arc<Self>,
@@ -253,10 +256,11 @@ where
             return None;
         }
         let store = l2.store().as_redis()?;
-        if !store
-            .connection()
-            .is_same(bp.backplane().as_redis()?.connection())
-        {
+        let redis_bp = bp.backplane().as_redis()?;
+        if !store.connection().is_same(redis_bp.connection()) {
+            return None;
+        }
+        if op.background_publish && redis_bp.receivers(bp.channel()) > PIPELINED_FLEET {
             return None;
         }
         let payload = bp.encode(key, op.action, op.timestamp);
@@ -275,6 +279,9 @@ where
             Ok((written, published)) => (written, Some(published)),
             Err(e) => (Err(e), None),
         };
+        if let Some(Ok(count)) = &published {
+            redis_bp.record_receivers(bp.channel(), *count);
+        }
         match l2.outcome(Some(key), written) {
             Ok(((), recovered)) => {
                 if recovered {
@@ -295,6 +302,7 @@ where
         }
         let published = published
             .unwrap_or_else(|| Err("no reply".into()))
+            .map(|_| ())
             .map_err(crate::backplane::BackplaneError::Transport);
         match bp.published(key, op.action, published) {
             Ok(()) => Some(Ok(())),
@@ -335,6 +343,11 @@ where
         self.recovery.push(key, item);
     }
 }
+
+/// The most subscribers (this node's own included) a channel may have for a background notification to go
+/// in the pipeline of its L2 write: the fan-out Redis does before answering stays a few microseconds.
+#[cfg(feature = "redis")]
+const PIPELINED_FLEET: i64 = 8;
 
 /// The most notifications waiting for the publisher task; past it they go to auto-recovery.
 const PUBLISH_QUEUE: usize = 65_536;

@@ -744,6 +744,161 @@ fn redis_node(url: &str, name: &str, backplane: bool) -> Res<FusionCache<String>
         .map_err(|e| format!("cannot build cache {name}: {e}").into())
 }
 
+/// How many more subscribers the fleet rows put on the channel: the other nodes of a fleet.
+const FLEET: usize = 50;
+/// The cache name (and so the channel) of the fleet rows.
+const FLEET_NODE: &str = "benchfleet";
+
+/// `set` on one node of a fleet, each call once the previous one's notification was sent and the server
+/// has finished its fan-out (an untimed PING answered after it).
+struct FleetSet {
+    node: FusionCache<String>,
+    options: EntryOptions,
+    idle: redis::aio::MultiplexedConnection,
+    seq: u64,
+}
+
+impl Probe for FleetSet {
+    type Sample = Duration;
+
+    async fn once(&mut self) -> Res<Duration> {
+        self.seq += 1;
+        let sent = self.node.stats().backplane_sent;
+        let t0 = Instant::now();
+        self.node
+            .set_with(KEY, value(self.seq), &self.options)
+            .await
+            .map_err(|e| format!("fleet node set: {e}"))?;
+        let took = t0.elapsed();
+        let node = &self.node;
+        settle(STEP_TIMEOUT, "the fleet node's notification", || {
+            node.stats().backplane_sent > sent
+        })
+        .await?;
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.idle)
+            .await
+            .map_err(|e| format!("PING: {e}"))?;
+        Ok(took)
+    }
+}
+
+/// Raw redis-rs: one awaited SET.
+struct RawSet {
+    conn: redis::aio::MultiplexedConnection,
+    seq: u64,
+}
+
+impl Probe for RawSet {
+    type Sample = Duration;
+
+    async fn once(&mut self) -> Res<Duration> {
+        self.seq += 1;
+        let mut set = redis::cmd("SET");
+        set.arg("bench:fleet:raw").arg(value(self.seq).as_bytes());
+        let t0 = Instant::now();
+        set.query_async::<()>(&mut self.conn)
+            .await
+            .map_err(|e| format!("raw SET: {e}"))?;
+        Ok(t0.elapsed())
+    }
+}
+
+/// The fleet rows: A's `set`, call → return, with `FLEET` more subscribers on A's channel, notification in
+/// the background (the default) and awaited, against a raw SET. The subscribers are raw connections that
+/// never read (the kernel buffers what they are sent): the bench process does none of their work, so the
+/// rows show what the server's fan-out to a fleet costs the writer.
+async fn fleet_rows(
+    client: &redis::Client,
+    url: &str,
+    rows: &mut Vec<Row>,
+    details: &mut Vec<String>,
+) -> Res<()> {
+    let channel = channel_name(None, Some(FLEET_NODE));
+    let address = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mut fleet = Vec::with_capacity(FLEET);
+    for _ in 0..FLEET {
+        use tokio::io::AsyncWriteExt;
+        let mut conn = tokio::net::TcpStream::connect(&address)
+            .await
+            .map_err(|e| format!("fleet subscriber: {e}"))?;
+        let subscribe = format!(
+            "*2\r\n$9\r\nSUBSCRIBE\r\n${}\r\n{channel}\r\n",
+            channel.len()
+        );
+        conn.write_all(subscribe.as_bytes())
+            .await
+            .map_err(|e| format!("fleet subscriber: {e}"))?;
+        fleet.push(conn);
+    }
+    let node = redis_node(url, FLEET_NODE, true)?;
+    ready(&node, "fleet node").await?;
+    let mut raw = RawSet {
+        conn: client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| format!("raw connection: {e}"))?,
+        seq: 0,
+    };
+    let subscribers = || {
+        let mut conn = raw.conn.clone();
+        let channel = channel.clone();
+        async move {
+            redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async::<(String, usize)>(&mut conn)
+                .await
+                .map(|(_, n)| n)
+                .unwrap_or(0)
+        }
+    };
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while subscribers().await < FLEET + 1 {
+        if Instant::now() > deadline {
+            return Err(format!("the {FLEET} fleet subscribers did not all subscribe").into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (label, options) in [
+        ("notification in the background (default)", entry_options()),
+        (
+            "notification awaited (`background_backplane_operations(false)`)",
+            entry_options().background_backplane_operations(false),
+        ),
+    ] {
+        let mut probe = FleetSet {
+            node: node.clone(),
+            options,
+            idle: raw.conn.clone(),
+            seq: 0,
+        };
+        let (mut fc, mut base) = interleaved(&mut probe, &mut raw).await?;
+        rows.extend(latency_rows(
+            &format!("fleet of {FLEET} more subscribers: A's `set`, {label}, call → return"),
+            "; raw: SET awaited",
+            &mut fc,
+            &mut base,
+            None,
+            None,
+        ));
+    }
+    details.push(format!(
+        "fleet: node A (Redis L2 + backplane on one connection) with {FLEET} more subscribers on its channel \
+         (raw connections that never read, so the bench process does none of their work), {ITERATIONS} sets \
+         per side in alternating blocks of {BLOCK}, each once the previous one's notification was sent and \
+         an untimed PING came back (the server is done with its fan-out); raw = one awaited SET of a 48-byte \
+         value"
+    ));
+    drop(fleet);
+    Ok(())
+}
+
 /// Raw redis-rs: PUBLISH on a multiplexed connection, receipt on a pub/sub connection.
 struct RawRedisLatency {
     conn: redis::aio::MultiplexedConnection,
@@ -1242,6 +1397,9 @@ async fn redis_bench(server: &RedisServer, only_e2e: bool) -> Res<Report> {
     // 4. End to end: A's API -> B's L1.
     let mut env = EndToEnd::new(&url, Wire::Redis, vec![server_pid]).await?;
     end_to_end(&mut env, &mut liveness, &mut rows, &mut details).await?;
+
+    // 5. A's `set` in a fleet.
+    fleet_rows(&client, &url, &mut rows, &mut details).await?;
 
     Ok(Report {
         server: format!(

@@ -50,6 +50,8 @@ pub struct RedisBackplane {
     subscriptions: Fanout,
     /// Tells the pub/sub task about new channels; dropping it stops the task.
     commands: Mutex<Option<mpsc::UnboundedSender<String>>>,
+    /// How many subscribers the last PUBLISH on each channel reached (Redis says so in its reply).
+    receivers: Mutex<HashMap<String, i64>>,
 }
 
 impl std::fmt::Debug for RedisBackplane {
@@ -67,6 +69,24 @@ impl RedisBackplane {
             connection,
             subscriptions: Fanout::default(),
             commands: Mutex::new(None),
+            receivers: Mutex::default(),
+        }
+    }
+
+    /// How many subscribers the last PUBLISH on `channel` reached (0 before the first).
+    pub(crate) fn receivers(&self, channel: &str) -> i64 {
+        let receivers = self.receivers.lock().unwrap_or_else(|e| e.into_inner());
+        receivers.get(channel).copied().unwrap_or(0)
+    }
+
+    /// Records what a PUBLISH on `channel` answered.
+    pub(crate) fn record_receivers(&self, channel: &str, count: i64) {
+        let mut receivers = self.receivers.lock().unwrap_or_else(|e| e.into_inner());
+        match receivers.get_mut(channel) {
+            Some(known) => *known = count,
+            None => {
+                receivers.insert(channel.to_string(), count);
+            }
         }
     }
 
@@ -130,7 +150,7 @@ impl Backplane for RedisBackplane {
                 .arg(payload.as_ref())
                 .query_async::<i64>(&mut conn)
                 .await
-                .map(|_| ())
+                .map(|count| self.record_receivers(channel, count))
                 .map_err(|e| BackplaneError::Transport(e.to_string()))
         })
     }
@@ -160,13 +180,18 @@ impl Backplane for RedisBackplane {
                 .query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn)
                 .await
             {
-                Ok(replies) if replies.len() == payloads.len() => replies
-                    .into_iter()
-                    .map(|r| {
-                        r.map(|_| ())
-                            .map_err(|e| BackplaneError::Transport(e.to_string()))
-                    })
-                    .collect(),
+                Ok(replies) if replies.len() == payloads.len() => {
+                    if let Some(Ok(redis::Value::Int(count))) = replies.last() {
+                        self.record_receivers(channel, *count);
+                    }
+                    replies
+                        .into_iter()
+                        .map(|r| {
+                            r.map(|_| ())
+                                .map_err(|e| BackplaneError::Transport(e.to_string()))
+                        })
+                        .collect()
+                }
                 Ok(_) => (0..payloads.len())
                     .map(|_| Err(BackplaneError::Transport("short pipeline reply".into())))
                     .collect(),

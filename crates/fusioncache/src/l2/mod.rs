@@ -51,7 +51,7 @@ pub trait DistributedCache: Send + Sync + 'static {
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error>;
     /// Removes `key`.
     async fn remove(&self, key: &str) -> Result<(), L2Error>;
-    /// This store as the crate's Redis L2, when it is one: the cache then sends a change's notification in
+    /// This store as the crate's Redis L2, when it is one: the cache then sends an awaited notification in
     /// the same pipeline as its L2 write when its backplane uses the same connection.
     #[cfg(feature = "redis")]
     #[doc(hidden)]

@@ -158,15 +158,15 @@ impl RedisDistributedCache {
     /// An L2 write (`SET … PX`, or `UNLINK` when `value` is `None`) and a `PUBLISH` of `payload` on
     /// `channel`, as one pipeline on this store's connection: Redis runs them in that order, so a node
     /// that receives the notification finds the write in place, and the notification costs no extra round
-    /// trip. Returns the outcome of each command; an `Err` in the outer result means the connection
-    /// failed (either may or may not have run).
+    /// trip. Returns the outcome of each command (the PUBLISH's: how many subscribers it reached); an
+    /// `Err` in the outer result means the connection failed (either may or may not have run).
     pub(crate) async fn write_and_publish(
         &self,
         key: &str,
         value: Option<(&Bytes, Duration)>,
         channel: &str,
         payload: &[u8],
-    ) -> Result<(Result<(), L2Error>, Result<(), String>), L2Error> {
+    ) -> Result<(Result<(), L2Error>, Result<i64, String>), L2Error> {
         let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -215,7 +215,13 @@ impl RedisDistributedCache {
             }
             (write, _) => write.map(|_| ()).map_err(unavailable),
         };
-        Ok((write, publish.map(|_| ()).map_err(|e| e.to_string())))
+        let publish = publish
+            .map_err(|e| e.to_string())
+            .and_then(|reply| match reply {
+                redis::Value::Int(count) => Ok(count),
+                other => Err(format!("unexpected PUBLISH reply {other:?}")),
+            });
+        Ok((write, publish))
     }
 }
 
