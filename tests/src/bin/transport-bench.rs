@@ -809,22 +809,16 @@ impl Probe for RawSet {
 /// never read (the kernel buffers what they are sent): the bench process does none of their work, so the
 /// rows show what the server's fan-out to a fleet costs the writer.
 async fn fleet_rows(
+    server: &RedisServer,
     client: &redis::Client,
-    url: &str,
     rows: &mut Vec<Row>,
     details: &mut Vec<String>,
 ) -> Res<()> {
     let channel = channel_name(None, Some(FLEET_NODE));
-    let address = url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
     let mut fleet = Vec::with_capacity(FLEET);
     for _ in 0..FLEET {
         use tokio::io::AsyncWriteExt;
-        let mut conn = tokio::net::TcpStream::connect(&address)
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", server.port()))
             .await
             .map_err(|e| format!("fleet subscriber: {e}"))?;
         let subscribe = format!(
@@ -836,7 +830,7 @@ async fn fleet_rows(
             .map_err(|e| format!("fleet subscriber: {e}"))?;
         fleet.push(conn);
     }
-    let node = redis_node(url, FLEET_NODE, true)?;
+    let node = redis_node(&server.url(), FLEET_NODE, true)?;
     ready(&node, "fleet node").await?;
     let mut raw = RawSet {
         conn: client
@@ -845,26 +839,20 @@ async fn fleet_rows(
             .map_err(|e| format!("raw connection: {e}"))?,
         seq: 0,
     };
-    let subscribers = || {
-        let mut conn = raw.conn.clone();
-        let channel = channel.clone();
-        async move {
-            redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(&channel)
-                .query_async::<(String, usize)>(&mut conn)
-                .await
-                .map(|(_, n)| n)
-                .unwrap_or(0)
+    let mut numsub = raw.conn.clone();
+    within(STEP_TIMEOUT, "the fleet subscribers to subscribe", async {
+        while redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async::<(String, usize)>(&mut numsub)
+            .await
+            .map_or(0, |(_, n)| n)
+            < FLEET + 1
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    };
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while subscribers().await < FLEET + 1 {
-        if Instant::now() > deadline {
-            return Err(format!("the {FLEET} fleet subscribers did not all subscribe").into());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await?;
     for (label, options) in [
         ("notification in the background (default)", entry_options()),
         (
@@ -1399,7 +1387,7 @@ async fn redis_bench(server: &RedisServer, only_e2e: bool) -> Res<Report> {
     end_to_end(&mut env, &mut liveness, &mut rows, &mut details).await?;
 
     // 5. A's `set` in a fleet.
-    fleet_rows(&client, &url, &mut rows, &mut details).await?;
+    fleet_rows(server, &client, &mut rows, &mut details).await?;
 
     Ok(Report {
         server: format!(
