@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quanta::Instant;
 use tracing::Instrument;
 
 use crate::auto_recovery::AutoRecovery;
@@ -213,16 +212,13 @@ where
 
     /// The fresh value of `key` in this node's L1, without touching L2, counters or events.
     pub fn peek(&self, key: &str) -> Option<V> {
-        match self.inner.lookup_l1(key) {
-            L1Lookup::Fresh(v) => Some(v),
-            _ => None,
-        }
+        self.inner.fresh_l1(key)
     }
 
     /// The value of `key`: from L1, else from L2. L2 errors count as misses (after trying the fail-safe
     /// fallback); see [`try_get`](Self::try_get) to see them.
     pub async fn get(&self, key: &str) -> Option<V> {
-        if let L1Lookup::Fresh(v) = self.inner.lookup_l1(key) {
+        if let Some(v) = self.inner.fresh_l1(key) {
             self.inner.record_l1_hit(key);
             return Some(v);
         }
@@ -231,7 +227,7 @@ where
 
     /// Like [`get`](Self::get), but an L2 error with no fallback to serve is returned.
     pub async fn try_get(&self, key: &str) -> Result<Option<V>, Error> {
-        if let L1Lookup::Fresh(v) = self.inner.lookup_l1(key) {
+        if let Some(v) = self.inner.fresh_l1(key) {
             self.inner.record_l1_hit(key);
             return Ok(Some(v));
         }
@@ -468,7 +464,7 @@ where
         E: Into<BoxError>,
     {
         let inner = &self.inner;
-        if let L1Lookup::Fresh(v) = inner.lookup_l1(key) {
+        if let Some(v) = inner.fresh_l1(key) {
             inner.record_l1_hit(key);
             return Ok(v);
         }
@@ -519,9 +515,18 @@ where
 {
     #[inline]
     pub(crate) fn lookup_l1(&self, key: &str) -> L1Lookup<V> {
-        self.l1.lookup(key, Instant::now(), self.untrusted_after())
+        self.l1
+            .lookup(key, crate::clock::Instant::now(), self.untrusted_after())
     }
 
+    /// The value of `key` if L1 holds it fresh (the hit path of every read; see [`L1::fresh`]).
+    #[inline(always)]
+    pub(crate) fn fresh_l1(&self, key: &str) -> Option<V> {
+        self.l1
+            .fresh(key, crate::clock::Instant::now(), self.untrusted_after())
+    }
+
+    #[inline(always)]
     fn untrusted_after(&self) -> Option<Duration> {
         self.backplane
             .as_ref()
@@ -532,10 +537,11 @@ where
     /// [`lookup_l1`](Self::lookup_l1), telling entries due for an eager refresh apart.
     pub(crate) fn lookup_l1_for_refresh(&self, key: &str) -> L1Lookup<V> {
         self.l1
-            .lookup_for_refresh(key, Instant::now(), self.untrusted_after())
+            .lookup_for_refresh(key, crate::clock::Instant::now(), self.untrusted_after())
     }
 
     /// A `get` that L1 could not answer, boxed and in its span, so that the future of a hit stays small.
+    #[inline(never)]
     fn get_miss<'a>(
         self: &'a Arc<Self>,
         operation: &'static str,

@@ -90,7 +90,7 @@ where
                 this.record_l1_hit(key);
                 return Ok(v);
             }
-            L1Lookup::Stale { entry, .. } if entry.is_usable(quanta::Instant::now()) => {
+            L1Lookup::Stale { entry, .. } if entry.is_usable(crate::clock::Instant::now()) => {
                 fallback = Some((entry.value, entry.timestamp, entry.tags));
             }
             _ => {}

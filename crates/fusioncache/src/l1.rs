@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use quanta::Instant;
+use crate::clock::Instant;
 
 use crate::tags::{TagState, Tags, Visibility};
 
@@ -34,7 +34,7 @@ pub(crate) struct L1Entry<V> {
     pub timestamp: i64,
     /// When the entry was put in L1.
     pub created_at: Instant,
-    /// Logical expiry.
+    /// Logical expiry (set back to `created_at` when `expire` or a notification marks the entry stale).
     pub fresh_until: Instant,
     /// How long it may serve, as fresh or as a fail-safe fallback; past it, it counts as missing (moka
     /// drops it on capacity pressure or at the cache's retention bound).
@@ -43,8 +43,6 @@ pub(crate) struct L1Entry<V> {
     pub refresh_at: Instant,
     /// The stale epoch when it was created: older than the current one means stale.
     pub epoch: u64,
-    /// Marked expired by `expire` or a notification.
-    pub stale: bool,
     /// Its tags, checked against their removal timestamps on every read.
     pub tags: EntryTags,
 }
@@ -53,7 +51,7 @@ impl<V> L1Entry<V> {
     /// Logically fresh: not marked stale, not from before the last mark-all-stale, not past its expiry.
     #[inline]
     pub fn is_fresh(&self, now: Instant, current_epoch: u64) -> bool {
-        now < self.fresh_until && self.epoch >= current_epoch && !self.stale
+        now < self.fresh_until && self.epoch >= current_epoch
     }
 
     /// Still inside its fail-safe window (moka may not have evicted it yet).
@@ -155,13 +153,13 @@ where
             usable_until: now + lifetime.usable_for,
             refresh_at: lifetime.refresh_after.map_or(fresh_until, |d| now + d),
             epoch: self.epoch.load(Ordering::Acquire),
-            stale: false,
             tags,
         }
     }
 
-    /// The entry of `key` as a read sees it. `untrusted_after`: while the backplane is down, entries older
-    /// than this are not served as fresh (`None` when the backplane is up).
+    /// The entry of `key` as a read sees it. `untrusted_after`: while the backplane is down, entries at
+    /// least this old are not served as fresh (`None` when the backplane is up; zero: none is, even one
+    /// written in this clock tick).
     #[inline(always)]
     pub fn lookup(
         &self,
@@ -173,6 +171,18 @@ where
             return L1Lookup::Missing;
         };
         self.judge(entry, now, untrusted_after)
+    }
+
+    /// The value of `key` if [`lookup`](Self::lookup) would find it fresh, else `None` (the hit path:
+    /// the entry is judged in place and only its value moves out).
+    #[inline(always)]
+    pub fn fresh(&self, key: &str, now: Instant, untrusted_after: Option<Duration>) -> Option<V> {
+        let entry = self.cache.get(key)?;
+        let fresh = entry.is_usable(now)
+            && entry.is_fresh(now, self.epoch.load(Ordering::Acquire))
+            && self.tags.visibility(entry.timestamp, entry.tags.as_deref()) == Visibility::Visible
+            && untrusted_after.is_none_or(|age| now.duration_since(entry.created_at) < age);
+        fresh.then_some(entry.value)
     }
 
     /// [`lookup`](Self::lookup), telling a fresh entry past its eager-refresh point apart.
@@ -214,7 +224,7 @@ where
             };
         }
         match untrusted_after {
-            Some(age) if now.duration_since(entry.created_at) > age => L1Lookup::Stale {
+            Some(age) if now.duration_since(entry.created_at) >= age => L1Lookup::Stale {
                 entry,
                 expired: false,
             },
@@ -277,8 +287,8 @@ where
         if !condition(&entry) {
             return false;
         }
-        if !entry.stale {
-            entry.stale = true;
+        if entry.fresh_until > entry.created_at {
+            entry.fresh_until = entry.created_at;
             self.cache.insert(key.to_string(), entry);
         }
         true
@@ -304,5 +314,78 @@ where
     pub fn entry_count(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tags::RemoveByTagBehavior;
+
+    fn lifetime(fresh: u64, usable: u64) -> Lifetime {
+        Lifetime {
+            fresh_for: Duration::from_secs(fresh),
+            usable_for: Duration::from_secs(usable),
+            refresh_after: None,
+        }
+    }
+
+    /// The hit path (`fresh`) serves exactly what the full lookup judges fresh, in every state an entry
+    /// can be in.
+    #[test]
+    fn the_hit_path_agrees_with_the_full_lookup() {
+        let l1: L1<String> = L1::new(
+            100,
+            Duration::from_secs(3600),
+            None,
+            Tags::new(RemoveByTagBehavior::Expire),
+        );
+        let tagged = l1.tags().states(&["t"]);
+        let put = |key: &str, ts: i64, lt: Lifetime, tags: EntryTags| {
+            l1.write(key, l1.entry(key.to_string(), ts, lt, tags));
+        };
+        put("fresh", 10, lifetime(60, 120), None);
+        put("expired", 10, lifetime(0, 120), None);
+        put("marked", 10, lifetime(60, 120), None);
+        assert!(l1.mark_stale("marked", |_| true));
+        put("tag-removed", 10, lifetime(60, 120), tagged.clone());
+        l1.tags().state("t").removed(20);
+        put("tagged-after", 30, lifetime(60, 120), tagged);
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        let keys = [
+            "fresh",
+            "expired",
+            "marked",
+            "tag-removed",
+            "tagged-after",
+            "missing",
+        ];
+        let check = |now: Instant, untrusted: Option<Duration>| {
+            keys.iter()
+                .map(|k| {
+                    let full = matches!(l1.lookup(k, now, untrusted), L1Lookup::Fresh(_));
+                    assert_eq!(l1.fresh(k, now, untrusted).is_some(), full, "{k}");
+                    full
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            check(now, None),
+            [true, false, false, false, true, false],
+            "backplane up"
+        );
+        assert_eq!(
+            check(later, Some(Duration::ZERO)),
+            [false; 6],
+            "backplane down, zero max age: nothing is served from L1 as fresh"
+        );
+        assert_eq!(
+            check(later, Some(Duration::from_secs(60))),
+            [true, false, false, false, true, false],
+            "backplane down, entries younger than the max age"
+        );
+        l1.mark_all_stale();
+        assert_eq!(check(now, None), [false; 6], "after mark-all-stale");
     }
 }

@@ -43,6 +43,7 @@ mod backplane_accessor;
 mod builder;
 mod cache;
 mod circuit_breaker;
+mod clock;
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;

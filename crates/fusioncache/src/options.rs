@@ -81,7 +81,8 @@ impl EntryOptions {
         Self::default()
     }
 
-    /// How long the entry is fresh (logical expiration), in L1 and L2.
+    /// How long the entry is fresh (logical expiration), in L1 and L2. L1 checks it on the kernel's coarse
+    /// clock on Linux: exact to within one tick (1–10 ms, typically 4 ms).
     #[must_use]
     pub fn duration(mut self, duration: Duration) -> Self {
         self.duration = duration;

@@ -5,8 +5,6 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use quanta::Instant;
-
 use crate::auto_recovery::PendingRead;
 use crate::cache::Inner;
 use crate::error::Error;
@@ -41,7 +39,7 @@ where
             self.record_miss(key);
             return Ok(None);
         }
-        let fallback = matches!(&l1, L1Lookup::Stale { entry, .. } if options.fail_safe && entry.is_usable(Instant::now()));
+        let fallback = matches!(&l1, L1Lookup::Stale { entry, .. } if options.fail_safe && entry.is_usable(crate::clock::Instant::now()));
         match self.load_from_l2(key, options, fallback).await {
             L2Outcome::Fresh(v) => {
                 self.record_l2_hit(key);
@@ -60,7 +58,7 @@ where
                 // it is served only as a fail-safe fallback, like an expired one. Staleness then stays
                 // bounded by the time to notice the lost link, not by the length of the partition.
                 L1Lookup::Stale { entry, .. }
-                    if options.fail_safe && entry.is_usable(Instant::now()) =>
+                    if options.fail_safe && entry.is_usable(crate::clock::Instant::now()) =>
                 {
                     self.record_stale(key);
                     Ok(Some(entry.value))
