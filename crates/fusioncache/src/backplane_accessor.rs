@@ -23,7 +23,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backplane::{
-    Action, Backplane, BackplaneError, BackplaneEvent, BackplaneMessage, Confirmation, Subscription,
+    settled, Action, Backplane, BackplaneError, BackplaneEvent, BackplaneMessage, Confirmation,
+    Subscription,
 };
 use crate::cache::{BackplaneState, Inner};
 use crate::circuit_breaker::CircuitBreaker;
@@ -121,7 +122,7 @@ impl BackplaneAccessor {
                 .iter()
                 .map(|_| Err(BackplaneError::CircuitOpen))
                 .collect();
-            return Box::pin(std::future::ready(open));
+            return settled(open);
         }
         let payloads = batch
             .iter()

@@ -74,6 +74,17 @@ pub(crate) enum L1Lookup<V> {
     Missing,
 }
 
+/// How an entry stands for a read (see [`L1::standing`]).
+enum Standing {
+    /// Past its fail-safe window, or removed by a clear or a tag removal.
+    Missing,
+    /// Logically expired or marked stale: a fail-safe fallback at most.
+    Expired,
+    /// Fresh, but older than a read trusts while the backplane is down.
+    Untrusted,
+    Fresh,
+}
+
 /// The L1 of one cache.
 pub(crate) struct L1<V> {
     cache: moka::sync::Cache<String, L1Entry<V>>,
@@ -178,10 +189,7 @@ where
     #[inline(always)]
     pub fn fresh(&self, key: &str, now: Instant, untrusted_after: Option<Duration>) -> Option<V> {
         let entry = self.cache.get(key)?;
-        let fresh = entry.is_usable(now)
-            && entry.is_fresh(now, self.epoch.load(Ordering::Acquire))
-            && self.tags.visibility(entry.timestamp, entry.tags.as_deref()) == Visibility::Visible
-            && untrusted_after.is_none_or(|age| now.duration_since(entry.created_at) < age);
+        let fresh = matches!(self.standing(&entry, now, untrusted_after), Standing::Fresh);
         fresh.then_some(entry.value)
     }
 
@@ -209,26 +217,43 @@ where
         now: Instant,
         untrusted_after: Option<Duration>,
     ) -> L1Lookup<V> {
-        if !entry.is_usable(now) {
-            return L1Lookup::Missing;
-        }
-        let expired = match self.tags.visibility(entry.timestamp, entry.tags.as_deref()) {
-            Visibility::Removed => return L1Lookup::Missing,
-            Visibility::Expired => true,
-            Visibility::Visible => !entry.is_fresh(now, self.epoch.load(Ordering::Acquire)),
-        };
-        if expired {
-            return L1Lookup::Stale {
+        match self.standing(&entry, now, untrusted_after) {
+            Standing::Missing => L1Lookup::Missing,
+            Standing::Expired => L1Lookup::Stale {
                 entry,
                 expired: true,
-            };
-        }
-        match untrusted_after {
-            Some(age) if now.duration_since(entry.created_at) >= age => L1Lookup::Stale {
+            },
+            Standing::Untrusted => L1Lookup::Stale {
                 entry,
                 expired: false,
             },
-            _ => L1Lookup::Fresh(entry.value),
+            Standing::Fresh => L1Lookup::Fresh(entry.value),
+        }
+    }
+
+    /// How `entry` stands for a read now: the one place the rules of freshness are applied, by reference,
+    /// for [`judge`](Self::judge) and for the hit path ([`fresh`](Self::fresh)).
+    #[inline(always)]
+    fn standing(
+        &self,
+        entry: &L1Entry<V>,
+        now: Instant,
+        untrusted_after: Option<Duration>,
+    ) -> Standing {
+        if !entry.is_usable(now) {
+            return Standing::Missing;
+        }
+        match self.tags.visibility(entry.timestamp, entry.tags.as_deref()) {
+            Visibility::Removed => return Standing::Missing,
+            Visibility::Expired => return Standing::Expired,
+            Visibility::Visible if !entry.is_fresh(now, self.epoch.load(Ordering::Acquire)) => {
+                return Standing::Expired
+            }
+            Visibility::Visible => {}
+        }
+        match untrusted_after {
+            Some(age) if now.duration_since(entry.created_at) >= age => Standing::Untrusted,
+            _ => Standing::Fresh,
         }
     }
 

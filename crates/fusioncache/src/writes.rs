@@ -303,7 +303,7 @@ where
         let published = published
             .unwrap_or_else(|| Err("no reply".into()))
             .map(|_| ())
-            .map_err(crate::backplane::BackplaneError::Transport);
+            .map_err(BackplaneError::Transport);
         match bp.published(key, op.action, published) {
             Ok(()) => Some(Ok(())),
             Err(error) => {

@@ -167,6 +167,11 @@ impl Subscription {
 #[doc(hidden)]
 pub type Confirmation = BoxFuture<'static, Vec<Result<(), BackplaneError>>>;
 
+/// A confirmation whose results are already known.
+pub(crate) fn settled(results: Vec<Result<(), BackplaneError>>) -> Confirmation {
+    Box::pin(std::future::ready(results))
+}
+
 /// A message bus carrying opaque payloads on named channels.
 ///
 /// Implementations are cheap to share (`Arc`), let several caches of a process share one connection, and
@@ -211,10 +216,7 @@ pub trait Backplane: Send + Sync + 'static {
         channel: &'a str,
         payloads: Vec<Bytes>,
     ) -> BoxFuture<'a, Confirmation> {
-        Box::pin(async move {
-            let results = self.publish_batch(channel, payloads).await;
-            Box::pin(std::future::ready(results)) as Confirmation
-        })
+        Box::pin(async move { settled(self.publish_batch(channel, payloads).await) })
     }
 
     /// This transport as the crate's Redis backplane, when it is one (see `DistributedCache::as_redis`).

@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::fanout::Fanout;
 use super::liveness::{probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict};
-use super::{Backplane, BackplaneError, BackplaneEvent, Confirmation, Subscription};
+use super::{settled, Backplane, BackplaneError, BackplaneEvent, Confirmation, Subscription};
 
 /// Checks that `subject` is a valid NATS subject to publish on: non-empty tokens separated by `.`, no
 /// whitespace, no wildcard (`*`, `>`).
@@ -482,10 +482,9 @@ impl Receipts {
     /// Waits up to `timeout` for receipt `number` (or a later one).
     async fn wait(&self, number: u64, timeout: Duration) -> bool {
         let mut heard = self.heard.clone();
-        let confirmed = tokio::time::timeout(timeout, heard.wait_for(|&highest| highest >= number))
+        tokio::time::timeout(timeout, heard.wait_for(|&highest| highest >= number))
             .await
-            .is_ok_and(|heard| heard.is_ok());
-        confirmed
+            .is_ok_and(|heard| heard.is_ok())
     }
 }
 
@@ -768,19 +767,18 @@ impl Backplane for NatsBackplane {
     ) -> BoxFuture<'a, Confirmation> {
         Box::pin(async move {
             let n = payloads.len();
-            let now = |results| Box::pin(std::future::ready(results)) as Confirmation;
             // async-nats would buffer while disconnected; the cache's own queue (one per key) is better.
             if self.client.connection_state() != State::Connected {
-                return now(batch_failed(n, BackplaneError::NotConnected));
+                return settled(batch_failed(n, BackplaneError::NotConnected));
             }
             let subject = async_nats::Subject::from(channel.to_string());
             for payload in payloads {
                 if let Err(e) = self.client.publish(subject.clone(), payload).await {
-                    return now(batch_failed(n, BackplaneError::Transport(e.to_string())));
+                    return settled(batch_failed(n, BackplaneError::Transport(e.to_string())));
                 }
             }
             let Some(number) = self.receipts.request(&self.client).await else {
-                return now(batch_failed(n, BackplaneError::NotConnected));
+                return settled(batch_failed(n, BackplaneError::NotConnected));
             };
             let (receipts, timeout) = (Arc::clone(&self.receipts), self.liveness.timeout);
             Box::pin(async move {
