@@ -92,7 +92,7 @@ pub fn s(v: &str) -> String {
     v.to_string()
 }
 
-/// Makes a CA and a server certificate for 127.0.0.1 with the openssl CLI.
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with the openssl CLI.
 pub fn make_certificates(dir: &std::path::Path) {
     let run = |args: &[&str]| {
         let out = std::process::Command::new("openssl")
@@ -150,6 +150,37 @@ pub fn make_certificates(dir: &std::path::Path) {
         "1",
         "-extfile",
         "san.ext",
+    ]);
+    // A client certificate for mutual TLS, from the same CA (an X.509 v3 one: rustls refuses v1).
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=fusioncache-test-client",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "client.ext",
     ]);
 }
 

@@ -236,13 +236,13 @@ async fn an_acl_user_from_the_url_works_and_a_wrong_password_is_a_clear_error() 
         "subscribed to app.Backplane:v2 as the ACL user"
     );
     cache.set("k", s("v")).await.unwrap();
+    // EXISTS, not GET: the stored envelope is binary and may hold a newline byte.
     assert_eq!(
         server
-            .command_as("app", "s3cret", &["GET", "app:k"])
-            .unwrap()
-            .lines()
-            .count(),
-        2
+            .command_as("app", "s3cret", &["EXISTS", "app:k"])
+            .unwrap(),
+        ":1\r\n",
+        "written under the ACL user's prefix"
     );
 
     let bad = fusioncache::redis::RedisConnection::open_with(
@@ -323,6 +323,91 @@ async fn rediss_urls_connect_over_tls_with_a_custom_ca() {
         .unwrap();
     let surfaced = EntryOptions::new().surface_l2_errors(true);
     assert!(c.set_with("k", s("v"), &surfaced).await.is_err());
+    drop(server);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Mutual TLS: the server asks every client for a certificate. Nodes that present one (the options'
+/// client certificate) write L2 and hear each other's notifications; a node without one gets an error,
+/// not a panic, and its backplane never connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_carries_l2_and_the_backplane_and_refuses_a_node_without_a_certificate() {
+    let dir = std::env::temp_dir().join(format!("fusioncache-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    fusioncache_integration_tests::make_certificates(&dir);
+    let tls_port = fusioncache_testkit::free_port();
+    let path = |f: &str| dir.join(f).display().to_string();
+    let server = RedisServer::start_with_args(&[
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &path("server.crt"),
+        "--tls-key-file",
+        &path("server.key"),
+        "--tls-ca-cert-file",
+        &path("ca.crt"),
+        "--tls-auth-clients",
+        "yes",
+    ])
+    .unwrap();
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let options = fusioncache::redis::RedisOptions {
+        tls_ca_certificate: Some(dir.join("ca.crt")),
+        tls_client_certificate: Some((dir.join("client.crt"), dir.join("client.key"))),
+        ..fusioncache_integration_tests::fast_redis_options()
+    };
+    let node = |options: &fusioncache::redis::RedisOptions| {
+        let redis = fusioncache::redis::RedisConnection::open_with(&url, options.clone()).unwrap();
+        fusioncache::FusionCache::<String>::builder()
+            .name("mtls")
+            .distributed_cache(fusioncache::l2::redis::RedisDistributedCache::new(
+                redis.clone(),
+            ))
+            .backplane(fusioncache::backplane::redis::RedisBackplane::new(redis))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (node(&options), node(&options));
+    connected(&[&a, &b]).await;
+    a.set("k", s("v1")).await.unwrap();
+    assert_eq!(b.get("k").await, Some(s("v1")));
+    a.set("k", s("v2")).await.unwrap();
+    assert!(eventually(|| b.peek("k") == Some(s("v2"))).await);
+
+    let without = fusioncache::redis::RedisOptions {
+        tls_client_certificate: None,
+        ..options.clone()
+    };
+    let c = node(&without);
+    let surfaced = EntryOptions::new().surface_l2_errors(true);
+    assert!(c.set_with("k", s("v3"), &surfaced).await.is_err());
+    assert!(
+        !c.wait_for_backplane(std::time::Duration::from_secs(2))
+            .await,
+        "no pub/sub connection without a client certificate"
+    );
+    assert_eq!(b.peek("k"), Some(s("v2")), "nothing from the refused node");
+    drop(server);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A `unix://` URL: the command and pub/sub connections both go over the server's Unix socket.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_urls_carry_l2_and_the_backplane() {
+    let dir = std::env::temp_dir().join(format!("fusioncache-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("redis.sock");
+    let server =
+        RedisServer::start_with_args(&["--unixsocket", &socket.display().to_string()]).unwrap();
+    let url = format!("unix://{}", socket.display());
+    let node = || redis_node(&url, "unix", EntryOptions::new());
+    let (a, b) = (node(), node());
+    connected(&[&a, &b]).await;
+    a.set("k", s("v1")).await.unwrap();
+    assert_eq!(b.get("k").await, Some(s("v1")));
+    a.set("k", s("v2")).await.unwrap();
+    assert!(eventually(|| b.peek("k") == Some(s("v2"))).await);
     drop(server);
     std::fs::remove_dir_all(dir).unwrap();
 }

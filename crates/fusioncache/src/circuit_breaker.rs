@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use quanta::Instant;
+use std::time::Instant;
 
 /// Opens for a while after a failure, so a dead server is not hammered.
 #[derive(Debug)]

@@ -5,7 +5,7 @@
 //! value the kernel updates on every tick, with no TSC read (which costs some virtual machines 20 ns, a
 //! tenth of a hit), at the resolution of a tick (1–10 ms; 4 ms on most distributions), the order of the
 //! system clock .NET's `MemoryCache` expires FusionCache's entries by. Elsewhere, or should the coarse clock
-//! be refused, it is quanta's monotonic clock. Either way an entry's freshness is exact to within a tick.
+//! be refused, it is std's monotonic clock. Either way an entry's freshness is exact to within a tick.
 
 use std::ops::Add;
 use std::sync::LazyLock;
@@ -20,6 +20,11 @@ impl Instant {
     #[inline(always)]
     pub fn now() -> Self {
         Self(coarse_nanos().unwrap_or_else(precise_nanos))
+    }
+
+    /// Nanoseconds since the clock's origin (for atomics).
+    pub fn as_nanos(self) -> u64 {
+        self.0
     }
 
     /// How long after `earlier` this is (zero if it is not after it).
@@ -56,16 +61,11 @@ fn coarse_nanos() -> Option<u64> {
     None
 }
 
-/// quanta's clock, from its first read here.
+/// std's monotonic clock, from its first read here.
 #[cold]
 fn precise_nanos() -> u64 {
-    static ORIGIN: LazyLock<(quanta::Clock, quanta::Instant)> = LazyLock::new(|| {
-        let clock = quanta::Clock::new();
-        let origin = clock.now();
-        (clock, origin)
-    });
-    let (clock, origin) = &*ORIGIN;
-    clock.now().duration_since(*origin).as_nanos() as u64
+    static ORIGIN: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+    u64::try_from(ORIGIN.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

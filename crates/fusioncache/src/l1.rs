@@ -1,12 +1,19 @@
-//! The L1: this node's in-memory entries (moka), their freshness, and the writes that keep it coherent.
+//! The L1: this node's in-memory entries, their freshness, and the writes that keep it coherent.
 //!
-//! Reads take the lock-free moka path. Every write of a key holds the key's write-lock stripe, so a local
-//! write, a guarded install of a value read from L2 and a notification never interleave on one key.
+//! The store is a [`quick_cache`] sync cache (S3-FIFO eviction, sharded read-write locks, SipHash keys):
+//! a hit takes a shard's read lock and clones the entry out; every write of a key is one closure run under
+//! its shard's write lock, so a local write, a guarded install of a value read from L2 and a notification
+//! never interleave on one key, and a notification marks an entry stale in place, without moving it.
+//! Entries past their fail-safe window count as missing at once and leave memory at the next sweep (see
+//! [`L1::write`]), or earlier under capacity pressure.
 
+use std::collections::hash_map::RandomState;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use quick_cache::sync::{EntryAction, EntryResult};
+use quick_cache::UnitWeighter;
 
 use crate::clock::Instant;
 
@@ -24,9 +31,8 @@ pub(crate) struct Lifetime {
 /// The tag states an entry points to (`None`: untagged, the common case, at no cost).
 pub(crate) type EntryTags = Option<Arc<[Arc<TagState>]>>;
 
-/// A value in L1. Stored by value (moka clones it out on a hit, which clones `V` once, as a raw moka get
-/// would); staleness is set by replacing the entry atomically. Expiry is checked here, per entry, rather
-/// than by a moka `Expiry` (which costs every read a second clock check).
+/// A value in L1. Stored by value (a hit clones it out, which clones `V` once, as a raw cache get would);
+/// staleness is set in place, under the key's shard write lock. Expiry is checked here, per entry.
 #[derive(Debug, Clone)]
 pub(crate) struct L1Entry<V> {
     pub value: V,
@@ -36,8 +42,8 @@ pub(crate) struct L1Entry<V> {
     pub created_at: Instant,
     /// Logical expiry (set back to `created_at` when `expire` or a notification marks the entry stale).
     pub fresh_until: Instant,
-    /// How long it may serve, as fresh or as a fail-safe fallback; past it, it counts as missing (moka
-    /// drops it on capacity pressure or at the cache's retention bound).
+    /// How long it may serve, as fresh or as a fail-safe fallback (at most the cache's retention); past
+    /// it, it counts as missing and leaves memory at the next sweep.
     pub usable_until: Instant,
     /// With eager refresh, when a hit starts a background refresh (else `fresh_until`).
     pub refresh_at: Instant,
@@ -54,7 +60,7 @@ impl<V> L1Entry<V> {
         now < self.fresh_until && self.epoch >= current_epoch
     }
 
-    /// Still inside its fail-safe window (moka may not have evicted it yet).
+    /// Still inside its fail-safe window (past it, the entry waits for the next sweep).
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until
     }
@@ -85,28 +91,27 @@ enum Standing {
     Fresh,
 }
 
+/// The store under L1: keys hashed with SipHash (std's `RandomState`, keyed per process), as cache keys
+/// often come from requests.
+type Store<V> = quick_cache::sync::Cache<String, L1Entry<V>, UnitWeighter, RandomState>;
+
 /// The L1 of one cache.
 pub(crate) struct L1<V> {
-    cache: moka::sync::Cache<String, L1Entry<V>>,
+    cache: Store<V>,
     /// Entries created before the current epoch are stale.
     epoch: AtomicU64,
     /// A hard cap on every freshness.
     max_duration: Option<Duration>,
+    /// The longest an entry stays usable (and in memory, give or take a sweep).
+    retention: Duration,
+    /// When the next write sweeps entries past their fail-safe window out of memory (L1 clock nanos).
+    next_sweep: AtomicU64,
     /// Clears and tag removals, checked on every read.
     tags: Tags,
-    /// Striped write locks (see `write_lock`).
-    write_locks: Box<[Mutex<()>]>,
 }
 
-/// Write-lock stripes of one L1.
-const WRITE_STRIPES: usize = 64;
-
-/// A cheap hash of a key, to pick its write-lock stripe (FNV-1a).
-fn stripe_hash(key: &str) -> u64 {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+/// The longest between two sweeps of unusable entries (as .NET `MemoryCache`'s expiration scan).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 impl<V> L1<V>
 where
@@ -118,15 +123,20 @@ where
         max_duration: Option<Duration>,
         tags: Tags,
     ) -> Self {
+        let items = usize::try_from(capacity).unwrap_or(usize::MAX);
         Self {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(retention)
-                .build(),
+            cache: Store::with(
+                items,
+                capacity,
+                UnitWeighter,
+                RandomState::new(),
+                Default::default(),
+            ),
             epoch: AtomicU64::new(0),
             max_duration,
+            retention,
+            next_sweep: AtomicU64::new((Instant::now() + sweep_interval(retention)).as_nanos()),
             tags,
-            write_locks: (0..WRITE_STRIPES).map(|_| Mutex::new(())).collect(),
         }
     }
 
@@ -155,13 +165,14 @@ where
         tags: EntryTags,
     ) -> L1Entry<V> {
         let now = Instant::now();
-        let fresh_until = now + lifetime.fresh_for;
+        let usable_until = now + lifetime.usable_for.min(self.retention);
+        let fresh_until = (now + lifetime.fresh_for).min(usable_until);
         L1Entry {
             value,
             timestamp,
             created_at: now,
             fresh_until,
-            usable_until: now + lifetime.usable_for,
+            usable_until,
             refresh_at: lifetime.refresh_after.map_or(fresh_until, |d| now + d),
             epoch: self.epoch.load(Ordering::Acquire),
             tags,
@@ -257,23 +268,18 @@ where
         }
     }
 
-    /// The write lock of `key`'s stripe: every L1 write of a key (local write, install of a value read
-    /// from L2, refresh, stale mark, eviction) holds it, so they never interleave on one key; reads take
-    /// none. Cheaper than moka's per-key compute (which allocates a waiter per call).
-    fn write_lock(&self, key: &str) -> MutexGuard<'_, ()> {
-        let stripe = (stripe_hash(key) as usize) % self.write_locks.len();
-        self.write_locks[stripe]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A local write: replaces whatever is there.
+    ///
+    /// Writes also sweep: at most every [`SWEEP_INTERVAL`] (or the retention, if shorter), the write that
+    /// finds the sweep due drops every entry past its fail-safe window from memory, so that entries never
+    /// read again do not wait for capacity pressure.
     pub fn write(&self, key: &str, entry: L1Entry<V>) {
         if entry.usable_until <= entry.created_at {
             return self.remove(key);
         }
-        let _write = self.write_lock(key);
+        let now = entry.created_at;
         self.cache.insert(key.to_string(), entry);
+        self.sweep_if_due(now);
     }
 
     /// Installs a value read from L2 unless L1 holds a newer write of the key. Returns whether it did.
@@ -291,13 +297,28 @@ where
         if entry.usable_until <= entry.created_at {
             return false;
         }
-        let _write = self.write_lock(key);
-        let put = match self.cache.get(key) {
-            Some(current) => current.timestamp <= entry.timestamp,
-            None => !only_existing,
+        let now = entry.created_at;
+        let mut new = Some(entry);
+        let put = match self.cache.entry(key, None, |_, current| {
+            let newer = new
+                .as_ref()
+                .is_some_and(|e| current.timestamp <= e.timestamp);
+            if newer {
+                if let Some(e) = new.take() {
+                    *current = e;
+                }
+            }
+            EntryAction::Retain(newer)
+        }) {
+            EntryResult::Retained(put) => put,
+            // Absent: the placeholder keeps the key for this insert, which fails if a write came first.
+            EntryResult::Vacant(slot) if !only_existing => {
+                new.take().is_some_and(|e| slot.insert(e).is_ok())
+            }
+            _ => false,
         };
         if put {
-            self.cache.insert(key.to_string(), entry);
+            self.sweep_if_due(now);
         }
         put
     }
@@ -305,29 +326,28 @@ where
     /// Marks the entry of `key` stale when `condition` holds for it. Returns whether the entry exists and
     /// meets the condition (stale now, whether or not it was before).
     pub fn mark_stale(&self, key: &str, condition: impl FnOnce(&L1Entry<V>) -> bool) -> bool {
-        let _write = self.write_lock(key);
-        let Some(mut entry) = self.cache.get(key) else {
-            return false;
-        };
-        if !condition(&entry) {
+        // Most notifications are for keys this node does not hold: a read lock tells, with no placeholder.
+        if !self.cache.contains_key(key) {
             return false;
         }
-        if entry.fresh_until > entry.created_at {
-            entry.fresh_until = entry.created_at;
-            self.cache.insert(key.to_string(), entry);
-        }
-        true
+        let marked = self.cache.entry(key, None, |_, entry| {
+            if !condition(entry) {
+                return EntryAction::Retain(false);
+            }
+            entry.fresh_until = entry.fresh_until.min(entry.created_at);
+            EntryAction::Retain(true)
+        });
+        matches!(marked, EntryResult::Retained(true))
     }
 
     /// Evicts `key`.
     pub fn remove(&self, key: &str) {
-        let _write = self.write_lock(key);
-        self.cache.invalidate(key);
+        self.cache.remove(key);
     }
 
     /// Evicts every entry.
     pub fn clear(&self) {
-        self.cache.invalidate_all();
+        self.cache.clear();
     }
 
     /// Marks every entry stale (O(1): bumps the epoch).
@@ -335,11 +355,37 @@ where
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The number of entries (approximate, as moka's).
+    /// The number of entries held, usable or waiting for the next sweep.
     pub fn entry_count(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        self.cache.len() as u64
     }
+
+    /// Drops the entries past their fail-safe window if the sweep is due; one writer runs it.
+    #[inline]
+    fn sweep_if_due(&self, now: Instant) {
+        let due = self.next_sweep.load(Ordering::Relaxed);
+        if now.as_nanos() < due {
+            return;
+        }
+        let next = (now + sweep_interval(self.retention)).as_nanos();
+        if self
+            .next_sweep
+            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.sweep(now);
+        }
+    }
+
+    #[cold]
+    fn sweep(&self, now: Instant) {
+        self.cache.retain(|_, entry| entry.is_usable(now));
+    }
+}
+
+/// How often writes sweep unusable entries out of memory.
+fn sweep_interval(retention: Duration) -> Duration {
+    retention.clamp(Duration::from_secs(1), SWEEP_INTERVAL)
 }
 
 #[cfg(test)]
@@ -412,5 +458,100 @@ mod tests {
         );
         l1.mark_all_stale();
         assert_eq!(check(now, None), [false; 6], "after mark-all-stale");
+    }
+
+    fn l1(capacity: u64, retention: Duration) -> L1<String> {
+        L1::new(
+            capacity,
+            retention,
+            None,
+            Tags::new(RemoveByTagBehavior::Expire),
+        )
+    }
+
+    /// The conditional writes: an install or refresh never replaces a newer write, a refresh never
+    /// brings back a key that is gone, a stale mark never creates an entry.
+    #[test]
+    fn conditional_writes_keep_the_newer_entry() {
+        let l1 = l1(100, Duration::from_secs(3600));
+        let entry = |ts: i64| l1.entry(format!("v{ts}"), ts, lifetime(60, 120), None);
+        let value = |key: &str| l1.fresh(key, Instant::now(), None);
+
+        assert!(
+            !l1.refresh("k", entry(5)),
+            "a refresh does not create the key"
+        );
+        assert_eq!(value("k"), None);
+        assert!(!l1.mark_stale("k", |_| true), "nothing to mark");
+        assert_eq!(l1.entry_count(), 0, "no placeholder left behind");
+
+        assert!(l1.install("k", entry(10)), "absent: installed");
+        assert!(!l1.install("k", entry(9)), "older than L1's: refused");
+        assert_eq!(value("k").as_deref(), Some("v10"));
+        assert!(l1.refresh("k", entry(12)), "newer: refreshed in place");
+        assert_eq!(value("k").as_deref(), Some("v12"));
+
+        assert!(!l1.mark_stale("k", |e| e.timestamp < 12), "condition unmet");
+        assert_eq!(value("k").as_deref(), Some("v12"));
+        assert!(l1.mark_stale("k", |e| e.timestamp < 13));
+        assert_eq!(value("k"), None, "marked stale in place");
+        assert!(
+            matches!(l1.lookup("k", Instant::now(), None), L1Lookup::Stale { expired: true, ref entry } if entry.value == "v12"),
+            "still there as a fail-safe fallback"
+        );
+        l1.write("k", entry(1));
+        assert_eq!(
+            value("k").as_deref(),
+            Some("v1"),
+            "a local write replaces whatever is there"
+        );
+        assert_eq!(l1.entry_count(), 1);
+    }
+
+    #[test]
+    fn a_zero_capacity_holds_nothing() {
+        let l1 = l1(0, Duration::from_secs(3600));
+        l1.write("k", l1.entry("v".into(), 1, lifetime(60, 120), None));
+        l1.install("i", l1.entry("v".into(), 1, lifetime(60, 120), None));
+        assert_eq!(l1.fresh("k", Instant::now(), None), None);
+        assert_eq!(l1.fresh("i", Instant::now(), None), None);
+        assert_eq!(l1.entry_count(), 0);
+    }
+
+    /// Entries live at most the retention, and the sweep a write runs when it is due drops those past
+    /// their fail-safe window from memory.
+    #[test]
+    fn retention_bounds_entries_and_sweeps_free_them() {
+        let capped = l1(100, Duration::from_secs(10)).entry("v".into(), 1, lifetime(60, 120), None);
+        assert_eq!(
+            capped.usable_until.duration_since(capped.created_at),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            capped.fresh_until, capped.usable_until,
+            "freshness within the retention too"
+        );
+
+        // Retention 120 s: a sweep at most every 60 s.
+        let l1 = l1(100, Duration::from_secs(120));
+        l1.write("long", l1.entry("v".into(), 1, lifetime(100, 100), None));
+        l1.write("short", l1.entry("v".into(), 1, lifetime(1, 2), None));
+        assert_eq!(l1.entry_count(), 2);
+        let now = Instant::now();
+        l1.sweep_if_due(now + Duration::from_secs(5));
+        assert_eq!(l1.entry_count(), 2, "not due yet");
+        l1.sweep_if_due(now + Duration::from_secs(61));
+        assert_eq!(
+            l1.entry_count(),
+            1,
+            "the expired entry is gone, the usable one stays"
+        );
+        assert!(l1
+            .fresh("long", now + Duration::from_secs(61), None)
+            .is_some());
+        l1.sweep_if_due(now + Duration::from_secs(110));
+        assert_eq!(l1.entry_count(), 1, "one sweep per interval");
+        l1.sweep_if_due(now + Duration::from_secs(125));
+        assert_eq!(l1.entry_count(), 0, "past its fail-safe window");
     }
 }

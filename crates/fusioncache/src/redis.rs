@@ -16,6 +16,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::IntoConnectionInfo;
 
+use crate::backplane::redis::{Addr, Target};
+
 /// Every Redis command this library sends, in the form of an ACL rule (`+{command}`): the connection
 /// handshake (`AUTH`; connections skip `CLIENT SETINFO`, which Redis 7.0 does not know), the L2 (`GET`,
 /// `MGET`, `SET`, `UNLINK`, and `EVALSHA` / `SCRIPT LOAD` of the one script that writes an entry only if
@@ -130,8 +132,6 @@ struct Inner {
     manager: Mutex<Option<(u64, ConnectionManager)>>,
     /// Whether the command connection was handed out since the watchdog last looked.
     used: AtomicBool,
-    /// RESP3 answers PING with a plain PONG even on a subscribed connection.
-    resp3: bool,
     display: String,
 }
 
@@ -185,7 +185,6 @@ impl RedisConnection {
         let settings = info.redis_settings().clone().set_skip_set_lib_name();
         let info = info.set_redis_settings(settings);
         let display = format!("{} db {}", info.addr(), info.redis_settings().db());
-        let resp3 = info.redis_settings().protocol() == redis::ProtocolVersion::RESP3;
         let client = match &options.password_file {
             // Fails now, not at the first command, when the file cannot be read.
             Some(file) => build_client(with_password(&info, &read_password(file)?), &options)?,
@@ -198,7 +197,6 @@ impl RedisConnection {
                 options,
                 manager: Mutex::new(None),
                 used: AtomicBool::new(false),
-                resp3,
                 display,
             }),
         })
@@ -220,27 +218,47 @@ impl RedisConnection {
     }
 
     /// The redis-rs client (for a dedicated connection). Built with the password of the moment it was
-    /// opened; [`pubsub`](Self::pubsub) follows a [password file](RedisOptions::password_file).
+    /// opened; the backplane's pub/sub connection follows a [password file](RedisOptions::password_file).
     pub fn client(&self) -> &redis::Client {
         &self.inner.client
     }
 
-    /// A new pub/sub connection, authenticated with the password file's current contents if there is one.
-    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, redis::RedisError> {
-        match &self.inner.options.password_file {
-            Some(file) => {
-                let info = with_password(&self.inner.info, &read_password(file)?);
-                build_client(info, &self.inner.options)?
-                    .get_async_pubsub()
-                    .await
+    /// Where a new pub/sub connection goes and how it authenticates: the password file's current contents
+    /// if there is one, the TLS settings of the options. Errors name files, never secrets.
+    pub(crate) fn pubsub_target(&self) -> Result<Target, String> {
+        let settings = self.inner.info.redis_settings();
+        let password = match &self.inner.options.password_file {
+            Some(file) => Some(read_password(file).map_err(|e| e.to_string())?),
+            None => settings.password().map(str::to_string),
+        };
+        let addr = match self.inner.info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => Addr::Tcp {
+                host: host.clone(),
+                port: *port,
+            },
+            redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure,
+                ..
+            } => {
+                if *insecure {
+                    return Err("insecure TLS (`#insecure`) is not supported".into());
+                }
+                Addr::Tls {
+                    host: host.clone(),
+                    port: *port,
+                    config: tls_config(&self.inner.options)?,
+                }
             }
-            None => self.inner.client.get_async_pubsub().await,
-        }
-    }
-
-    /// Whether the connection speaks RESP3 (`?protocol=resp3` in the URL).
-    pub(crate) fn is_resp3(&self) -> bool {
-        self.inner.resp3
+            redis::ConnectionAddr::Unix(path) => Addr::Unix(path.clone()),
+            other => return Err(format!("unsupported Redis address {other}")),
+        };
+        Ok(Target {
+            addr,
+            username: settings.username().map(str::to_string),
+            password,
+        })
     }
 
     /// The shared multiplexed connection (cheap to clone).
@@ -316,6 +334,48 @@ fn build_client(
             root_cert,
         },
     )
+}
+
+/// The TLS settings of the pub/sub connection, as redis-rs makes them for the command connection: the
+/// options' CA certificates if given, else webpki's roots; the options' client certificate and key if given.
+fn tls_config(options: &RedisOptions) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| format!("cannot read TLS file {}: {e}", path.display()))
+    };
+    let certificates = |path: &PathBuf| -> Result<Vec<CertificateDer<'static>>, String> {
+        CertificateDer::pem_slice_iter(&read(path)?)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("invalid certificate in {}: {e}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &options.tls_ca_certificate {
+        Some(ca) => {
+            for cert in certificates(ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("invalid CA certificate in {}: {e}", ca.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS configuration: {e}"))?
+        .with_root_certificates(roots);
+    let config = match &options.tls_client_certificate {
+        Some((cert, key)) => {
+            let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+                .map_err(|e| format!("invalid private key in {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(certificates(cert)?, key)
+                .map_err(|e| format!("TLS client certificate {}: {e}", cert.display()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }
 
 /// `info` with `password`.

@@ -85,7 +85,11 @@ impl QuietChannel {
     /// Something arrived on the channel (or it cannot be judged now, e.g. a probe could not be sent): start
     /// over.
     pub fn heard(&mut self) {
-        let now = Instant::now();
+        self.heard_at(Instant::now());
+    }
+
+    /// [`heard`](Self::heard), at `now` (read once for a frame).
+    pub fn heard_at(&mut self, now: Instant) {
         self.heard = now;
         self.probe_at = Some(now + self.liveness.probe_delay());
     }

@@ -3,7 +3,9 @@
 //! One [`RedisBackplane`] keeps one pub/sub connection for every channel subscribed through it (share it
 //! between the caches of a process with
 //! [`shared_backplane`](crate::FusionCacheBuilder::shared_backplane)) and publishes through the shared
-//! multiplexed connection of its [`RedisConnection`]. The pub/sub connection is watched (the stream ending;
+//! multiplexed connection of its [`RedisConnection`]. The pub/sub connection is the library's own (RESP2,
+//! the same addresses, TLS settings and credentials as the command connection): it reads each message in
+//! place, its payload a slice of the socket's buffer, and hands it to the caches. It is watched (the stream ending;
 //! a PING when it has been quiet; a probe message on each quiet channel, see
 //! [`PROBE_KEY`](super::PROBE_KEY)) so that a lost link is reported within
 //! [`RedisOptions::liveness_timeout`](crate::redis::RedisOptions::liveness_timeout), half-open connections
@@ -30,14 +32,19 @@
 //! # let _ = (products, prices); Ok(()) }
 //! ```
 
+mod connection;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+pub(crate) use self::connection::{Addr, Target};
+use self::connection::{Frame, PubSubConnection};
 
 use super::fanout::Fanout;
 use super::liveness::{probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict};
@@ -222,8 +229,8 @@ async fn run_pubsub(
     let mut was_connected = false;
     let mut failures = 0u32;
     loop {
-        let session = match connect(&connection, &subscriptions).await {
-            Ok(session) => session,
+        let conn = match connect(&connection).await {
+            Ok(conn) => conn,
             Err(error) => {
                 log_failure(&connection, &mut failures, &error);
                 // Drain channel registrations while waiting; they are subscribed on the next connection.
@@ -241,16 +248,13 @@ async fn run_pubsub(
         };
         failures = 0;
         backoff = reconnect_backoff(options.max_reconnect_delay);
+        let session = Session::new(conn, options.liveness());
         tracing::info!(
             endpoint = connection.endpoint(),
-            channels = session.channels.len(),
             reconnected = was_connected,
             "redis pub/sub connected"
         );
         was_connected = true;
-        for channel in session.channels.keys() {
-            subscriptions.send_to(channel, BackplaneEvent::Connected);
-        }
         let Some(reason) = session
             .run(&connection, &subscriptions, &mut commands, &probe)
             .await
@@ -265,51 +269,78 @@ async fn run_pubsub(
     }
 }
 
-/// Opens the pub/sub connection and subscribes every channel, within the connection and response timeouts.
-async fn connect(connection: &RedisConnection, subscriptions: &Fanout) -> Result<Session, String> {
-    let options = connection.options();
-    let pubsub = tokio::time::timeout(options.connection_timeout, connection.pubsub())
+/// Opens the pub/sub connection (socket, TLS, `AUTH`) within the connection timeout.
+async fn connect(connection: &RedisConnection) -> Result<PubSubConnection, String> {
+    let timeout = connection.options().connection_timeout;
+    let target = connection.pubsub_target()?;
+    tokio::time::timeout(timeout, PubSubConnection::open(&target))
         .await
         .map_err(|_| "connection timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let (mut sink, stream) = pubsub.split();
-    let channels = subscriptions.channels();
-    if !channels.is_empty() {
-        tokio::time::timeout(options.response_timeout, sink.subscribe(&channels))
-            .await
-            .map_err(|_| "SUBSCRIBE timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-    }
-    let liveness = options.liveness();
-    Ok(Session {
-        sink,
-        stream,
-        liveness,
-        channels: channels
-            .into_iter()
-            .map(|c| (c, QuietChannel::new(liveness)))
-            .collect(),
-    })
 }
 
-type PingReply = Result<redis::Value, redis::RedisError>;
+/// What woke the session.
+enum Event {
+    Frame(Result<Frame, String>),
+    Subscribe(Option<String>),
+    Probe(Option<Result<(String, bool), tokio::task::JoinError>>),
+    Timer,
+}
 
-/// One pub/sub connection, its subscribed channels and their watches.
+/// One pub/sub connection, its channels (subscribed, and asked for but not confirmed yet) and their
+/// watches.
 struct Session {
-    sink: redis::aio::PubSubSink,
-    stream: redis::aio::PubSubStream,
+    conn: PubSubConnection,
     liveness: Liveness,
     channels: HashMap<String, QuietChannel>,
+    /// Channels whose `SUBSCRIBE` was sent, with the time by which the server must confirm it.
+    pending: HashMap<String, Instant>,
 }
 
 impl Session {
+    fn new(conn: PubSubConnection, liveness: Liveness) -> Self {
+        Self {
+            conn,
+            liveness,
+            channels: HashMap::new(),
+            pending: HashMap::new(),
+        }
+    }
+
+    /// Sends `SUBSCRIBE` for `channels`; each is connected once the server confirms it.
+    async fn subscribe(
+        &mut self,
+        connection: &RedisConnection,
+        channels: Vec<String>,
+    ) -> Result<(), String> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let mut command: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+        command.extend(channels.iter().map(|c| c.as_bytes()));
+        let timeout = connection.options().response_timeout;
+        self.send(&command, timeout)
+            .await
+            .map_err(|e| format!("SUBSCRIBE {} failed: {e}", channels.join(" ")))?;
+        let deadline = Instant::now() + timeout;
+        self.pending
+            .extend(channels.into_iter().map(|c| (c, deadline)));
+        Ok(())
+    }
+
+    /// Sends a command within `timeout` (a server that stopped reading fills the socket's buffer).
+    async fn send(&mut self, command: &[&[u8]], timeout: Duration) -> Result<(), String> {
+        tokio::time::timeout(timeout, self.conn.send(command))
+            .await
+            .map_err(|_| "write timed out".to_string())?
+    }
+
     /// Forwards messages and subscribes new channels until the link is lost (the reason) or the backplane
     /// is dropped (`None`).
     ///
     /// The connection is alive while frames come: after `interval` of quiet it gets a PING, and without any
     /// frame for `timeout` it is lost. Each channel is watched end to end: after `interval` (jittered) of
     /// quiet a probe is published on it through the command connection, and a channel that heard nothing
-    /// for `timeout` is lost.
+    /// for `timeout` is lost. A `SUBSCRIBE` not confirmed within the response timeout loses the connection.
     async fn run(
         mut self,
         connection: &RedisConnection,
@@ -318,74 +349,86 @@ impl Session {
         probe: &Bytes,
     ) -> Option<String> {
         let liveness = self.liveness;
-        let expects_pong_array = !connection.is_resp3();
+        let response_timeout = connection.options().response_timeout;
+        if let Err(e) = self.subscribe(connection, subscriptions.channels()).await {
+            return Some(e);
+        }
         let mut alive_at = Instant::now();
-        let mut ping: Option<BoxFuture<'static, PingReply>> = None;
+        let mut pinged = false;
         let mut probes = tokio::task::JoinSet::new();
         loop {
             let mut wake = alive_at + liveness.timeout;
-            if ping.is_none() {
+            if !pinged {
                 wake = wake.min(alive_at + liveness.interval);
             }
             if let Some(channel) = self.channels.values().map(QuietChannel::deadline).min() {
                 wake = wake.min(channel);
             }
-            let pinging = async {
-                match ping.as_mut() {
-                    Some(p) => p.await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                // Messages first: a timer that fires while messages wait (the cache was slow to take them)
-                // must not call a busy connection dead.
+            if let Some(pending) = self.pending.values().min() {
+                wake = wake.min(*pending);
+            }
+            let event = tokio::select! {
+                // Frames first: a timer that fires while frames wait (the cache was slow to take them) must
+                // not call a busy connection dead.
                 biased;
-                msg = self.stream.next() => {
-                    let Some(msg) = msg else { return Some("connection closed".into()) };
-                    alive_at = Instant::now();
-                    let channel = msg.get_channel_name();
-                    if let Some(watch) = self.channels.get_mut(channel) {
-                        watch.heard();
+                frame = self.conn.next() => Event::Frame(frame),
+                cmd = commands.recv() => Event::Subscribe(cmd),
+                sent = probes.join_next(), if !probes.is_empty() => Event::Probe(sent),
+                () = tokio::time::sleep_until(wake) => Event::Timer,
+            };
+            match event {
+                Event::Frame(Err(e)) => return Some(e),
+                Event::Frame(Ok(frame)) => {
+                    let now = Instant::now();
+                    alive_at = now;
+                    match frame {
+                        Frame::Message { channel, payload } => {
+                            let Ok(channel) = std::str::from_utf8(&channel) else {
+                                continue;
+                            };
+                            if let Some(watch) = self.channels.get_mut(channel) {
+                                watch.heard_at(now);
+                            }
+                            // Probes too: subscribers (the cache, the CLI's probe) tell them apart by key.
+                            subscriptions.send_to(channel, BackplaneEvent::Message(payload));
+                        }
+                        Frame::Subscribed(channel) => {
+                            let channel = String::from_utf8_lossy(&channel).into_owned();
+                            if self.pending.remove(&channel).is_some() {
+                                subscriptions.send_to(&channel, BackplaneEvent::Connected);
+                                self.channels.insert(channel, QuietChannel::new(liveness));
+                            }
+                        }
+                        Frame::Pong { subscribed } => {
+                            pinged = false;
+                            if !subscribed && !self.channels.is_empty() {
+                                return Some(
+                                    "health check failed: the server no longer counts the \
+                                     connection as subscribed"
+                                        .into(),
+                                );
+                            }
+                        }
+                        Frame::Error(e) if !self.pending.is_empty() => {
+                            let pending: Vec<&str> =
+                                self.pending.keys().map(String::as_str).collect();
+                            return Some(format!("SUBSCRIBE {} failed: {e}", pending.join(" ")));
+                        }
+                        Frame::Error(e) => return Some(format!("server error: {e}")),
+                        Frame::Status(_) | Frame::Other => {}
                     }
-                    // Probes too: subscribers (the cache, the CLI's probe) tell them apart by key.
-                    let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
-                    subscriptions.send_to(channel, BackplaneEvent::Message(payload));
                 }
-                cmd = commands.recv() => {
-                    let channel = cmd?;
+                Event::Subscribe(None) => return None,
+                Event::Subscribe(Some(channel)) => {
                     if self.channels.contains_key(&channel) {
                         subscriptions.send_to(&channel, BackplaneEvent::Connected);
-                        continue;
-                    }
-                    let subscribed = tokio::time::timeout(
-                        connection.options().response_timeout,
-                        self.sink.subscribe(&channel),
-                    )
-                    .await;
-                    match subscribed {
-                        Ok(Ok(())) => {
-                            alive_at = Instant::now();
-                            subscriptions.send_to(&channel, BackplaneEvent::Connected);
-                            self.channels.insert(channel, QuietChannel::new(liveness));
+                    } else if !self.pending.contains_key(&channel) {
+                        if let Err(e) = self.subscribe(connection, vec![channel]).await {
+                            return Some(e);
                         }
-                        Ok(Err(e)) => return Some(format!("SUBSCRIBE {channel} failed: {e}")),
-                        Err(_) => return Some(format!("SUBSCRIBE {channel} timed out")),
                     }
                 }
-                reply = pinging => {
-                    ping = None;
-                    match reply {
-                        Ok(reply) => {
-                            let subscribed = expects_pong_array && !self.channels.is_empty();
-                            if let Err(e) = check_pong(&reply, subscribed) {
-                                return Some(format!("health check failed: {e}"));
-                            }
-                            alive_at = Instant::now();
-                        }
-                        Err(e) => return Some(format!("health check failed: {e}")),
-                    }
-                }
-                sent = probes.join_next(), if !probes.is_empty() => {
+                Event::Probe(sent) => {
                     if let Some(Ok((channel, false))) = sent {
                         // The probe could not be published: the channel cannot be judged now (the
                         // connection's own check still runs).
@@ -394,7 +437,7 @@ impl Session {
                         }
                     }
                 }
-                () = tokio::time::sleep_until(wake) => {
+                Event::Timer => {
                     let now = Instant::now();
                     if now >= alive_at + liveness.timeout {
                         return Some(format!(
@@ -402,15 +445,24 @@ impl Session {
                             liveness.timeout.as_millis()
                         ));
                     }
-                    if ping.is_none() && now >= alive_at + liveness.interval {
-                        let mut sink = self.sink.clone();
-                        ping = Some(Box::pin(async move { sink.ping::<redis::Value>().await }));
+                    if let Some((channel, _)) = self.pending.iter().find(|(_, at)| now >= **at) {
+                        return Some(format!("SUBSCRIBE {channel} timed out"));
+                    }
+                    if !pinged && now >= alive_at + liveness.interval {
+                        if let Err(e) = self.send(&[b"PING"], response_timeout).await {
+                            return Some(format!("health check failed: {e}"));
+                        }
+                        pinged = true;
                     }
                     for (channel, watch) in &mut self.channels {
                         match watch.poll() {
                             Verdict::Wait => {}
                             Verdict::Probe => {
-                                probes.spawn(publish_probe(connection.clone(), channel.clone(), probe.clone()));
+                                probes.spawn(publish_probe(
+                                    connection.clone(),
+                                    channel.clone(),
+                                    probe.clone(),
+                                ));
                             }
                             Verdict::Lost => {
                                 return Some(format!(
@@ -444,30 +496,6 @@ async fn publish_probe(
     (channel, sent)
 }
 
-/// Checks the reply to a PING sent on the pub/sub connection. A connection in subscribed mode answers
-/// `["pong", ""]` (RESP2: a PING there is itself a pub/sub reply); a plain `PONG` means the server no longer
-/// counts the connection as subscribed, so its subscriptions are gone even though it is alive.
-fn check_pong(reply: &redis::Value, subscribed: bool) -> Result<(), String> {
-    use redis::Value;
-    let is = |v: &Value, text: &str| match v {
-        Value::BulkString(b) => b.eq_ignore_ascii_case(text.as_bytes()),
-        Value::SimpleString(s) => s.eq_ignore_ascii_case(text),
-        _ => false,
-    };
-    match reply {
-        Value::Array(items) | Value::Push { data: items, .. }
-            if items.first().is_some_and(|v| is(v, "pong")) =>
-        {
-            Ok(())
-        }
-        v if !subscribed && is(v, "pong") => Ok(()),
-        v if is(v, "pong") => {
-            Err("the server no longer counts the connection as subscribed".into())
-        }
-        other => Err(format!("unexpected reply {other:?}")),
-    }
-}
-
 fn log_failure(connection: &RedisConnection, failures: &mut u32, error: &str) {
     *failures += 1;
     // Log the first failure and then every 20th, so an outage does not flood the logs.
@@ -478,30 +506,5 @@ fn log_failure(connection: &RedisConnection, failures: &mut u32, error: &str) {
             error,
             "redis pub/sub connection failed"
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::check_pong;
-    use redis::Value;
-
-    #[test]
-    fn a_subscribed_connection_answers_ping_with_a_pong_array() {
-        let subscribed = Value::Array(vec![
-            Value::BulkString(b"pong".to_vec()),
-            Value::BulkString(Vec::new()),
-        ]);
-        assert_eq!(check_pong(&subscribed, true), Ok(()));
-        assert_eq!(check_pong(&subscribed, false), Ok(()));
-    }
-
-    #[test]
-    fn a_plain_pong_means_the_subscriptions_are_gone() {
-        let plain = Value::SimpleString("PONG".into());
-        assert_eq!(check_pong(&plain, false), Ok(()));
-        assert!(check_pong(&plain, true).unwrap_err().contains("no longer"));
-        assert!(check_pong(&Value::Int(1), true).is_err());
-        assert!(check_pong(&Value::Array(vec![]), true).is_err());
     }
 }
