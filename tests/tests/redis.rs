@@ -411,3 +411,45 @@ async fn unix_socket_urls_carry_l2_and_the_backplane() {
     drop(server);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Writes started together go as one batch (one script call), and one that Redis refuses (the key holds a
+/// list) fails alone: the other is written and announced, the refused one is surfaced, queued for
+/// auto-recovery and announced nowhere.
+#[tokio::test]
+async fn writes_started_together_go_as_one_batch_and_fail_one_by_one() {
+    let server = RedisServer::start().unwrap();
+    let (a, b) = (
+        redis_node(&server.url(), "batch", EntryOptions::new()),
+        redis_node(&server.url(), "batch", EntryOptions::new()),
+    );
+    connected(&[&a, &b]).await;
+    a.set("warm", s("up")).await.unwrap();
+    b.set("good", s("old")).await.unwrap();
+    server.command(&["RPUSH", "bad", "a list"]).unwrap();
+    let calls = || {
+        let info = server.command(&["INFO", "commandstats"]).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0u64, |n| n.parse().unwrap())
+    };
+    let before = calls();
+    let received = b.stats().backplane_received;
+    let surfaced = EntryOptions::new().surface_l2_errors(true);
+    let (bad, good) = tokio::join!(
+        a.set_with("bad", s("v"), &surfaced),
+        a.set_with("good", s("new"), &surfaced)
+    );
+    assert_eq!(calls(), before + 1, "one script call for both writes");
+    let err = bad.unwrap_err().to_string();
+    assert!(err.contains("WRONGTYPE"), "{err}");
+    good.unwrap();
+    assert!(eventually(|| b.peek("good") != Some(s("old"))).await);
+    assert_eq!(b.get("good").await, Some(s("new")));
+    assert_eq!(a.pending_recovery(), 1, "the refused write is queued");
+    assert_eq!(
+        b.stats().backplane_received - received,
+        1,
+        "only the written key was announced"
+    );
+}

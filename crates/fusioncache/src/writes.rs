@@ -234,15 +234,14 @@ where
         }
     }
 
-    /// The L2 write and the notification of `op` as one Redis pipeline, when L2 and the backplane are
-    /// this crate's Redis transports on one connection (Redis runs them in order, so the L2-then-notify
-    /// order holds, and the notification costs no round trip of its own). Redis answers a pipeline only
-    /// once it has written the PUBLISH to every subscriber, so a notification in the background is
-    /// pipelined only while the channel's last PUBLISH reached at most [`PIPELINED_FLEET`] subscribers;
-    /// past that the caller would wait for a fan-out that grows with the fleet. `None` when that does not
-    /// apply (or a breaker is open): the two-step path runs instead. If the write fails while the
-    /// notification went out, the others just re-read what L2 holds; the change is queued and announced
-    /// again once it is written.
+    /// The L2 write and the notification of `op` in one Redis batch, when L2 and the backplane are this
+    /// crate's Redis transports on one connection (the batch script publishes right after the write, so
+    /// the L2-then-notify order holds, and the notification costs no round trip of its own). Redis answers
+    /// only once it has written the PUBLISH to every subscriber, so a notification in the background goes
+    /// with its write only while the channel's last PUBLISH reached at most [`PIPELINED_FLEET`]
+    /// subscribers; past that the caller would wait for a fan-out that grows with the fleet. `None` when
+    /// that does not apply (or a breaker is open): the two-step path runs instead. A write that fails
+    /// publishes nothing; the change is queued and announced once it is written.
     #[cfg(feature = "redis")]
     async fn pipelined(
         self: &Arc<Self>,

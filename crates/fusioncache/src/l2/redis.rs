@@ -1,9 +1,10 @@
 //! The Redis distributed cache (feature `redis`).
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{DistributedCache, L2Error};
 use crate::redis::RedisConnection;
@@ -12,9 +13,14 @@ use crate::redis::RedisConnection;
 /// connection's database, every key under an optional prefix (`{key_prefix}{key}`).
 ///
 /// A write of one of the cache's entries replaces what is stored only if that is not a newer write (by
-/// the write timestamps the entries carry), in one server-side script: a write that reaches Redis late —
+/// the write timestamps the entries carry), in a server-side script: a write that reaches Redis late —
 /// held in a stalled server's buffer, or by a network that delivers it after a partition, long after the
 /// client gave up on it — cannot undo a newer one. (Other bytes are written with a plain `SET`.)
+///
+/// Writes and removals are batched: those that callers start together go as one script call that runs
+/// them in order (with the notifications that go with them, when the backplane shares the connection). A
+/// lone write goes at once; under load each write costs the client and the server a fraction of a
+/// command. Batches are pipelined and never sent twice, so writes reach Redis in the order they were made.
 ///
 /// ```no_run
 /// use fusioncache::{FusionCache, l2::redis::RedisDistributedCache, redis::RedisConnection};
@@ -29,6 +35,7 @@ use crate::redis::RedisConnection;
 pub struct RedisDistributedCache {
     connection: RedisConnection,
     key_prefix: String,
+    batcher: Arc<Batcher>,
 }
 
 impl RedisDistributedCache {
@@ -37,6 +44,7 @@ impl RedisDistributedCache {
         Self {
             connection,
             key_prefix: String::new(),
+            batcher: Arc::default(),
         }
     }
 
@@ -116,24 +124,64 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Stores `ARGV[1]` at `KEYS[1]` for `ARGV[2]` ms unless the entry there carries a newer write timestamp
-/// than `ARGV[3]` (8 bytes, big-endian, so that bytes compare as the numbers do: Lua's numbers are doubles,
-/// too coarse for .NET ticks). An entry's envelope keeps its write timestamp little-endian at bytes 18-25.
-/// Returns 1 when written, 0 when a newer entry stays.
-const SET_IF_NOT_NEWER: &str = r"
-local current = redis.call('GET', KEYS[1])
-if current and #current >= 25 then
-  local stored = string.reverse(string.sub(current, 18, 25))
-  if stored > ARGV[3] then
-    return 0
+/// The batch script. For each key `KEYS[i]`, six arguments from `ARGV[6 * (i - 1) + 1]`: the operation
+/// (`c`: store the value unless the stored entry carries a newer write timestamp; `s`: store it; `u`:
+/// unlink the key), the value, its TTL in ms, its write timestamp (8 bytes, big-endian, so that bytes
+/// compare as the numbers do: Lua's numbers are doubles, too coarse for .NET ticks), a channel (empty: no
+/// notification) and the payload to publish there once the write is done. An entry's envelope keeps its
+/// write timestamp little-endian at bytes 18-25.
+///
+/// Returns two values per key: the write's status (1 written, 0 a newer entry stays, or the server's error
+/// as a string) and the notification's (the number of subscribers it reached, -1 when none was asked for or
+/// the write failed, or the server's error as a string). One failed write does not stop the others.
+const BATCH: &str = r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local a = (i - 1) * 6
+  local op, ts, channel = ARGV[a + 1], ARGV[a + 4], ARGV[a + 5]
+  local status = 1
+  if op == 'c' then
+    local current = redis.pcall('GET', key)
+    if type(current) == 'table' then
+      status = current.err
+    elseif current and #current >= 25 and string.reverse(string.sub(current, 18, 25)) > ts then
+      status = 0
+    end
   end
+  if status == 1 then
+    local done
+    if op == 'u' then
+      done = redis.pcall('UNLINK', key)
+    else
+      done = redis.pcall('SET', key, ARGV[a + 2], 'PX', ARGV[a + 3])
+    end
+    if type(done) == 'table' and done.err then
+      status = done.err
+    end
+  end
+  local published = -1
+  if channel ~= '' and type(status) == 'number' then
+    local n = redis.pcall('PUBLISH', channel, ARGV[a + 6])
+    if type(n) == 'table' then
+      published = n.err
+    else
+      published = n
+    end
+  end
+  out[2 * i - 1] = status
+  out[2 * i] = published
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+return out
 ";
 
-static SET_IF_NOT_NEWER_SCRIPT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(SET_IF_NOT_NEWER));
+static BATCH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(BATCH));
+
+/// The most writes in one batch: a script blocks the server while it runs (about a millisecond for this
+/// many), so a batch stays short for the server's other clients.
+const MAX_BATCH: usize = 128;
+
+/// The most batches sent and awaiting their replies: Redis runs the next while the client reads the last.
+const BATCHES_IN_FLIGHT: usize = 8;
 
 /// The write timestamp of an entry envelope, big-endian, if `value` is one.
 fn envelope_timestamp(value: &[u8]) -> Option<[u8; 8]> {
@@ -149,17 +197,101 @@ fn ttl_ms(ttl: Duration) -> i64 {
     ttl.as_millis().clamp(1, i64::MAX as u128) as i64
 }
 
+/// The writes of one store waiting for the next batch; the batch task starts with the first.
+#[derive(Debug, Default)]
+struct Batcher {
+    jobs: OnceLock<mpsc::UnboundedSender<Job>>,
+}
+
+/// One write (or removal), its optional notification, and where its outcome goes.
+struct Job {
+    key: String,
+    op: Op,
+    /// The channel and the payload to publish once the write is done.
+    publish: Option<(String, Bytes)>,
+    done: oneshot::Sender<Result<Outcome, L2Error>>,
+}
+
+enum Op {
+    /// Store unless a newer write is stored (`timestamp`: the envelope's, big-endian).
+    IfNotNewer {
+        value: Bytes,
+        ttl: Duration,
+        timestamp: [u8; 8],
+    },
+    Set {
+        value: Bytes,
+        ttl: Duration,
+    },
+    Unlink,
+}
+
+impl Op {
+    /// The write of `value` for `ttl` (conditional for an entry envelope), or a removal.
+    fn write(value: Option<(&Bytes, Duration)>) -> Self {
+        match value {
+            Some((value, ttl)) => match envelope_timestamp(value) {
+                Some(timestamp) => Op::IfNotNewer {
+                    value: value.clone(),
+                    ttl,
+                    timestamp,
+                },
+                None => Op::Set {
+                    value: value.clone(),
+                    ttl,
+                },
+            },
+            None => Op::Unlink,
+        }
+    }
+}
+
+/// What one job came to: its write, and its notification when one was asked for (the number of subscribers
+/// it reached, or the server's error).
+struct Outcome {
+    write: Result<(), L2Error>,
+    publish: Option<Result<i64, String>>,
+}
+
 impl RedisDistributedCache {
     /// The connection this store writes on.
     pub(crate) fn connection(&self) -> &RedisConnection {
         &self.connection
     }
 
-    /// An L2 write (`SET … PX`, or `UNLINK` when `value` is `None`) and a `PUBLISH` of `payload` on
-    /// `channel`, as one pipeline on this store's connection: Redis runs them in that order, so a node
-    /// that receives the notification finds the write in place, and the notification costs no extra round
-    /// trip. Returns the outcome of each command (the PUBLISH's: how many subscribers it reached); an
-    /// `Err` in the outer result means the connection failed (either may or may not have run).
+    /// Hands a write to the batcher and waits for its outcome. An `Err` means the batch failed as a whole
+    /// (the connection): the write may or may not have run.
+    async fn submit(
+        &self,
+        key: &str,
+        op: Op,
+        publish: Option<(&str, &[u8])>,
+    ) -> Result<Outcome, L2Error> {
+        let jobs = self.batcher.jobs.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run_batches(self.connection.clone(), rx));
+            tx
+        });
+        let (done, outcome) = oneshot::channel();
+        let job = Job {
+            key: self.key(key),
+            op,
+            publish: publish.map(|(c, p)| (c.to_string(), Bytes::copy_from_slice(p))),
+            done,
+        };
+        jobs.send(job)
+            .map_err(|_| L2Error::Unavailable("the redis batch task has stopped".into()))?;
+        outcome
+            .await
+            .map_err(|_| L2Error::Unavailable("the redis batch task has stopped".into()))?
+    }
+
+    /// An L2 write (`None`: a removal) and a `PUBLISH` of `payload` on `channel`, in one batch on this
+    /// store's connection: Redis runs them in that order, so a node that receives the notification finds
+    /// the write in place, and the notification costs no extra round trip. The notification is published
+    /// only if the write went through (or a newer entry stays). Returns the outcome of each (the PUBLISH's:
+    /// how many subscribers it reached); an `Err` in the outer result means the connection failed (the write
+    /// may or may not have run).
     pub(crate) async fn write_and_publish(
         &self,
         key: &str,
@@ -167,61 +299,143 @@ impl RedisDistributedCache {
         channel: &str,
         payload: &[u8],
     ) -> Result<(Result<(), L2Error>, Result<i64, String>), L2Error> {
-        let mut conn = self.conn().await?;
+        let outcome = self
+            .submit(key, Op::write(value), Some((channel, payload)))
+            .await?;
+        let publish = match (&outcome.write, outcome.publish) {
+            (Ok(()), Some(published)) => published,
+            (Ok(()), None) => Err("no PUBLISH reply".into()),
+            (Err(_), _) => Err("not published: the write failed".into()),
+        };
+        Ok((outcome.write, publish))
+    }
+}
+
+/// The batch task of a store: sends what callers queued since the last batch as the next one, with up to
+/// [`BATCHES_IN_FLIGHT`] batches awaiting their replies. Ends when the store (every clone of it) is dropped.
+///
+/// Writes must reach Redis in the order they were made, so a batch is never sent twice: the first batch,
+/// and the first after a failure (a lost connection, a restarted or flushed server), loads the script in
+/// the same pipeline, so that no batch meets a server that does not know it; a batch that fails anyway
+/// fails for its callers, whose changes go to auto-recovery.
+async fn run_batches(connection: RedisConnection, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    use futures_util::StreamExt;
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    let mut load = true;
+    loop {
+        let mut batch = Vec::new();
+        tokio::select! {
+            biased;
+            Some(sent) = in_flight.next(), if !in_flight.is_empty() => load = still_to_load(load, sent),
+            received = jobs.recv_many(&mut batch, MAX_BATCH), if in_flight.len() < BATCHES_IN_FLIGHT => {
+                if received == 0 {
+                    break;
+                }
+                in_flight.push(run_batch(connection.clone(), batch, load));
+            }
+        }
+    }
+    while in_flight.next().await.is_some() {}
+}
+
+/// Whether the next batch loads the script, after a batch that went through or not, having loaded it or not:
+/// from a failure until a batch that loaded it went through.
+fn still_to_load(load: bool, (ok, loaded): (bool, bool)) -> bool {
+    !ok || (load && !loaded)
+}
+
+/// Sends one batch (loading the script first if `load`) and hands each job its outcome. Returns whether
+/// the batch went through, and whether it loaded the script.
+async fn run_batch(connection: RedisConnection, batch: Vec<Job>, load: bool) -> (bool, bool) {
+    match write_batch(&connection, &batch, load).await {
+        Ok(outcomes) => {
+            for (job, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = job.done.send(Ok(outcome));
+            }
+            (true, load)
+        }
+        Err(error) => {
+            for job in batch {
+                let _ = job.done.send(Err(error.clone()));
+            }
+            (false, load)
+        }
+    }
+}
+
+/// Runs `batch` as one call of the batch script, preceded by `SCRIPT LOAD` in the same pipeline if `load`.
+async fn write_batch(
+    connection: &RedisConnection,
+    batch: &[Job],
+    load: bool,
+) -> Result<Vec<Outcome>, L2Error> {
+    let mut conn = connection.manager().await.map_err(unavailable)?;
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(BATCH_SCRIPT.get_hash()).arg(batch.len());
+    for job in batch {
+        cmd.arg(&job.key);
+    }
+    for job in batch {
+        match &job.op {
+            Op::IfNotNewer {
+                value,
+                ttl,
+                timestamp,
+            } => cmd
+                .arg("c")
+                .arg(value.as_ref())
+                .arg(ttl_ms(*ttl))
+                .arg(&timestamp[..]),
+            Op::Set { value, ttl } => cmd.arg("s").arg(value.as_ref()).arg(ttl_ms(*ttl)).arg(""),
+            Op::Unlink => cmd.arg("u").arg("").arg(0).arg(""),
+        };
+        match &job.publish {
+            Some((channel, payload)) => cmd.arg(channel).arg(payload.as_ref()),
+            None => cmd.arg("").arg(""),
+        };
+    }
+    let reply: Vec<redis::Value> = if load {
         let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let conditional = match value {
-            Some((bytes, ttl)) => match envelope_timestamp(bytes) {
-                Some(ts) => {
-                    pipe.cmd("EVALSHA")
-                        .arg(SET_IF_NOT_NEWER_SCRIPT.get_hash())
-                        .arg(1)
-                        .arg(self.key(key))
-                        .arg(bytes.as_ref())
-                        .arg(ttl_ms(ttl))
-                        .arg(&ts[..]);
-                    Some((bytes, ttl))
-                }
-                None => {
-                    pipe.cmd("SET")
-                        .arg(self.key(key))
-                        .arg(bytes.as_ref())
-                        .arg("PX")
-                        .arg(ttl_ms(ttl));
-                    None
-                }
-            },
-            None => {
-                pipe.cmd("UNLINK").arg(self.key(key));
-                None
-            }
-        };
-        pipe.cmd("PUBLISH").arg(channel).arg(payload);
-        let mut replies: Vec<redis::RedisResult<redis::Value>> =
+        pipe.cmd("SCRIPT").arg("LOAD").arg(BATCH).ignore();
+        pipe.add_command(cmd);
+        let (reply,): (Vec<redis::Value>,) =
             pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        let publish = replies.pop();
-        let write = replies.pop();
-        let (Some(write), Some(publish)) = (write, publish) else {
-            return Err(L2Error::Unavailable("short pipeline reply".into()));
-        };
-        let write = match (write, conditional) {
-            // The script is not loaded yet (first use, or Redis restarted): load it and write again. The
-            // PUBLISH already ran: the other nodes re-read L2, find the older entry, and read it again
-            // when they next need it.
-            (Err(e), Some((bytes, ttl)))
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                self.set(key, bytes.clone(), ttl).await
-            }
-            (write, _) => write.map(|_| ()).map_err(unavailable),
-        };
-        let publish = publish
-            .map_err(|e| e.to_string())
-            .and_then(|reply| match reply {
-                redis::Value::Int(count) => Ok(count),
-                other => Err(format!("unexpected PUBLISH reply {other:?}")),
+        reply
+    } else {
+        cmd.query_async(&mut conn).await.map_err(unavailable)?
+    };
+    if reply.len() != 2 * batch.len() {
+        return Err(L2Error::Unavailable(format!(
+            "unexpected reply to a batch of {} writes: {} values",
+            batch.len(),
+            reply.len()
+        )));
+    }
+    let mut reply = reply.into_iter();
+    Ok(batch
+        .iter()
+        .map(|job| {
+            let (status, published) = (reply.next(), reply.next());
+            let write = match status {
+                Some(redis::Value::Int(_)) => Ok(()),
+                other => Err(L2Error::Unavailable(server_error(other))),
+            };
+            let publish = job.publish.as_ref().map(|_| match published {
+                Some(redis::Value::Int(n)) if n >= 0 => Ok(n),
+                other => Err(server_error(other)),
             });
-        Ok((write, publish))
+            Outcome { write, publish }
+        })
+        .collect())
+}
+
+/// The error a batch reported for one of its writes or notifications.
+fn server_error(value: Option<redis::Value>) -> String {
+    match value {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Some(redis::Value::SimpleString(s)) => s,
+        Some(redis::Value::Int(-1)) => "not run".into(),
+        other => format!("unexpected reply {other:?}"),
     }
 }
 
@@ -241,37 +455,14 @@ impl DistributedCache for RedisDistributedCache {
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), L2Error> {
-        let mut conn = self.conn().await?;
-        let Some(ts) = envelope_timestamp(&value) else {
-            return redis::cmd("SET")
-                .arg(self.key(key))
-                .arg(value.as_ref())
-                .arg("PX")
-                .arg(ttl_ms(ttl))
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable);
-        };
         // A newer entry staying in place is not an error: it is the newest write, as asked.
-        SET_IF_NOT_NEWER_SCRIPT
-            .key(self.key(key))
-            .arg(value.as_ref())
-            .arg(ttl_ms(ttl))
-            .arg(&ts[..])
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        self.submit(key, Op::write(Some((&value, ttl))), None)
+            .await?
+            .write
     }
 
     async fn remove(&self, key: &str) -> Result<(), L2Error> {
-        let mut conn = self.conn().await?;
-        redis::cmd("UNLINK")
-            .arg(self.key(key))
-            .query_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        self.submit(key, Op::Unlink, None).await?.write
     }
 
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, L2Error> {
