@@ -152,6 +152,9 @@ fn main() {
             Some("get") => Box::new(|| {
                 black_box(poll_once(cache.get(black_box(key))).flatten());
             }),
+            Some("get-tagged") => Box::new(|| {
+                black_box(poll_once(cache.get(black_box(tagged_key))).flatten());
+            }),
             Some("peek") => Box::new(|| {
                 black_box(cache.peek(black_box(key)));
             }),
@@ -168,7 +171,7 @@ fn main() {
                 black_box(poll_once(cache_arc.get(black_box(key))).flatten());
             }),
             _ => {
-                eprintln!("--ops raw|raw-qc|get|peek|get-or-set|raw-arc|get-arc [N]");
+                eprintln!("--ops raw|raw-qc|get|get-tagged|peek|get-or-set|raw-arc|get-arc [N]");
                 std::process::exit(2);
             }
         };

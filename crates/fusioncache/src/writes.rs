@@ -267,7 +267,7 @@ where
             L2Write::Set { bytes, ttl } => Some((bytes, *ttl)),
             L2Write::Remove => None,
         };
-        let call = store.write_and_publish(key, value, bp.channel(), &payload);
+        let call = store.write_and_publish(key, value, bp.channel(), payload);
         let replies = match op.l2_hard_timeout {
             Some(limit) => tokio::time::timeout(limit, call)
                 .await

@@ -265,7 +265,7 @@ impl RedisDistributedCache {
         &self,
         key: &str,
         op: Op,
-        publish: Option<(&str, &[u8])>,
+        publish: Option<(&str, Bytes)>,
     ) -> Result<Outcome, L2Error> {
         let jobs = self.batcher.jobs.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -276,7 +276,7 @@ impl RedisDistributedCache {
         let job = Job {
             key: self.key(key),
             op,
-            publish: publish.map(|(c, p)| (c.to_string(), Bytes::copy_from_slice(p))),
+            publish: publish.map(|(channel, payload)| (channel.to_string(), payload)),
             done,
         };
         jobs.send(job)
@@ -297,7 +297,7 @@ impl RedisDistributedCache {
         key: &str,
         value: Option<(&Bytes, Duration)>,
         channel: &str,
-        payload: &[u8],
+        payload: Bytes,
     ) -> Result<(Result<(), L2Error>, Result<i64, String>), L2Error> {
         let outcome = self
             .submit(key, Op::write(value), Some((channel, payload)))
