@@ -1009,9 +1009,9 @@ async fn bench(url: &str) -> Res<Report> {
         ret[0].0, ret[0].1, ret[1].0, ret[1].1, ret[2].0, ret[2].1, ret[3].0, ret[3].1,
     ));
     details.push(
-        "A's write: fusioncache `set` (L1, then L2 SET and PUBLISH pipelined on one connection); sisa \
-         `set` (evicts its own L1 copy, awaits the L2 SET, publishes the invalidation in a spawned task; B \
-         evicts); multi-tier `set_with_broadcast` (L1, L2 PSETEX awaited, then PUBLISH awaited of an \
+        "A's write: fusioncache `set` (L1, then one batch script call on one connection: the conditional \
+         L2 write, then the PUBLISH); sisa `set` (evicts its own L1 copy, awaits the L2 SET, publishes the \
+         invalidation in a spawned task; B evicts); multi-tier `set_with_broadcast` (L1, L2 PSETEX awaited, then PUBLISH awaited of an \
          Update carrying the value; B writes it into its L1, then into L2 again, one message at a time)"
             .to_string(),
     );

@@ -180,7 +180,7 @@ where
         self.inner.telemetry.counters.snapshot()
     }
 
-    /// The number of entries in L1 (approximate, as moka's).
+    /// The number of entries in L1, usable or waiting for the next sweep.
     pub fn l1_entry_count(&self) -> u64 {
         self.inner.l1.entry_count()
     }

@@ -508,6 +508,14 @@ mod tests {
         assert_eq!(l1.entry_count(), 1);
     }
 
+    /// A capacity of `u64::MAX` (unbounded) sizes nothing up front: building and writing do not abort.
+    #[test]
+    fn an_unbounded_capacity_builds_and_holds_entries() {
+        let l1 = l1(u64::MAX, Duration::from_secs(3600));
+        l1.write("k", l1.entry("v".into(), 1, lifetime(60, 120), None));
+        assert_eq!(l1.fresh("k", Instant::now(), None).as_deref(), Some("v"));
+    }
+
     #[test]
     fn a_zero_capacity_holds_nothing() {
         let l1 = l1(0, Duration::from_secs(3600));

@@ -1,8 +1,8 @@
 //! # fusioncache
 //!
-//! A hybrid cache for services that run many replicas: every node keeps an in-memory **L1** (moka) in front
-//! of an optional shared **L2** (Redis), and a **backplane** (Redis pub/sub, NATS, or in-process) tells the
-//! other nodes *that* a key changed, so nobody keeps serving an old value until it expires.
+//! A hybrid cache for services that run many replicas: every node keeps an in-memory **L1** (quick_cache)
+//! in front of an optional shared **L2** (Redis), and a **backplane** (Redis pub/sub, NATS, or in-process)
+//! tells the other nodes *that* a key changed, so nobody keeps serving an old value until it expires.
 //!
 //! It speaks the wire format of .NET [FusionCache](https://github.com/ZiggyCreatures/FusionCache)'s
 //! backplane, so Rust and .NET services can share one channel.

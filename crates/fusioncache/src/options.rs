@@ -293,7 +293,7 @@ pub struct CacheOptions {
     pub name: String,
     /// Overrides the cache name as the prefix of the backplane channel.
     pub channel_prefix: Option<String>,
-    /// The most entries L1 holds (moka's capacity).
+    /// The most entries L1 holds (S3-FIFO eviction past it, per shard: approximate).
     pub l1_max_capacity: u64,
     /// A hard cap on every L1 freshness, whatever the entry options say: bounds how long a node can serve a
     /// value after a notification was silently lost.

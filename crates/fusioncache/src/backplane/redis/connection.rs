@@ -447,4 +447,73 @@ mod tests {
         encode(&mut out, &[b"SUBSCRIBE", b"a.Backplane:v2"]);
         assert_eq!(out, b"*2\r\n$9\r\nSUBSCRIBE\r\n$14\r\na.Backplane:v2\r\n");
     }
+
+    /// Reads every whole frame of `wire` as the connection does, the bytes arriving in chunks of the
+    /// given sizes (cycled).
+    fn read_in_chunks(wire: &[u8], chunks: &[usize]) -> Result<Vec<Frame>, String> {
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        let mut at = 0;
+        for size in chunks.iter().cycle() {
+            while let Some((raw, len)) = parse(&buf)? {
+                let bytes = buf.split_to(len).freeze();
+                frames.push(raw.resolve(&bytes));
+            }
+            if at == wire.len() {
+                break;
+            }
+            let end = (at + size.max(&1)).min(wire.len());
+            buf.extend_from_slice(&wire[at..end]);
+            at = end;
+        }
+        Ok(frames)
+    }
+
+    fn message(channel: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(&mut out, &[b"message", channel, payload]);
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_reader_never_panics_on_arbitrary_bytes(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            chunks in proptest::collection::vec(1usize..64, 1..8),
+        ) {
+            let _ = read_in_chunks(&bytes, &chunks);
+        }
+
+        #[test]
+        fn messages_read_in_any_chunks_come_out_whole_and_in_order(
+            messages in proptest::collection::vec(
+                (
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 1..24),
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+                ),
+                1..20,
+            ),
+            chunks in proptest::collection::vec(1usize..300, 1..8),
+        ) {
+            let mut wire = Vec::new();
+            for (channel, payload) in &messages {
+                wire.extend(message(channel, payload));
+                wire.extend_from_slice(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+            }
+            let frames = read_in_chunks(&wire, &chunks).unwrap();
+            let want: Vec<Frame> = messages
+                .iter()
+                .flat_map(|(channel, payload)| {
+                    [
+                        Frame::Message {
+                            channel: Bytes::copy_from_slice(channel),
+                            payload: Bytes::copy_from_slice(payload),
+                        },
+                        Frame::Pong { subscribed: true },
+                    ]
+                })
+                .collect();
+            proptest::prop_assert_eq!(frames, want);
+        }
+    }
 }
