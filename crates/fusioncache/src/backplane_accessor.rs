@@ -223,7 +223,9 @@ where
 {
     let mut ever_connected = false;
     let mut connected = false;
-    while let Some(event) = subscription.next().await {
+    // What arrived since the last look, handled as one batch (the cache is looked up once per batch).
+    let mut events = Vec::with_capacity(RECEIVE_BATCH);
+    while subscription.next_many(&mut events, RECEIVE_BATCH).await > 0 {
         let Some(inner) = weak.upgrade() else { break };
         let Some(bp) = &inner.backplane else { break };
         if subscription.take_missed() {
@@ -232,46 +234,51 @@ where
             inner.telemetry.emit(|| CacheEvent::BackplaneOverflow);
             inner.mark_all_stale();
         }
-        match event {
-            BackplaneEvent::Message(_) if inner.options.ignore_incoming_notifications => {}
-            BackplaneEvent::Message(payload) => apply(&inner, &payload),
-            // Transports may repeat `Connected`; only a transition counts.
-            BackplaneEvent::Connected if connected => {}
-            BackplaneEvent::Connected => {
-                connected = true;
-                let reconnected = ever_connected;
-                ever_connected = true;
-                if reconnected {
-                    Counters::incr(&inner.telemetry.counters.backplane_reconnects);
-                    if inner.options.mark_stale_on_reconnect {
-                        inner.mark_all_stale();
+        for event in events.drain(..) {
+            match event {
+                BackplaneEvent::Message(_) if inner.options.ignore_incoming_notifications => {}
+                BackplaneEvent::Message(payload) => apply(&inner, &payload),
+                // Transports may repeat `Connected`; only a transition counts.
+                BackplaneEvent::Connected if connected => {}
+                BackplaneEvent::Connected => {
+                    connected = true;
+                    let reconnected = ever_connected;
+                    ever_connected = true;
+                    if reconnected {
+                        Counters::incr(&inner.telemetry.counters.backplane_reconnects);
+                        if inner.options.mark_stale_on_reconnect {
+                            inner.mark_all_stale();
+                        }
                     }
+                    if bp.breaker.reset() {
+                        bp.breaker_changed(false);
+                    }
+                    if let Some(l2) = &inner.l2 {
+                        // The connection is back: try L2 again at once rather than serve fail-safe values.
+                        l2.reset_breaker();
+                    }
+                    bp.set_state(BackplaneState::Connected);
+                    tracing::info!(cache = %inner.options.name, channel = %bp.channel, reconnected, "backplane connected");
+                    inner
+                        .telemetry
+                        .emit(|| CacheEvent::BackplaneConnected { reconnected });
+                    inner.recovery.kick();
                 }
-                if bp.breaker.reset() {
-                    bp.breaker_changed(false);
+                BackplaneEvent::Disconnected { reason } => {
+                    connected = false;
+                    bp.set_state(BackplaneState::Disconnected);
+                    tracing::warn!(cache = %inner.options.name, channel = %bp.channel, %reason, "backplane disconnected");
+                    inner
+                        .telemetry
+                        .emit(|| CacheEvent::BackplaneDisconnected { reason });
                 }
-                if let Some(l2) = &inner.l2 {
-                    // The connection is back: try L2 again at once rather than serve fail-safe values.
-                    l2.reset_breaker();
-                }
-                bp.set_state(BackplaneState::Connected);
-                tracing::info!(cache = %inner.options.name, channel = %bp.channel, reconnected, "backplane connected");
-                inner
-                    .telemetry
-                    .emit(|| CacheEvent::BackplaneConnected { reconnected });
-                inner.recovery.kick();
-            }
-            BackplaneEvent::Disconnected { reason } => {
-                connected = false;
-                bp.set_state(BackplaneState::Disconnected);
-                tracing::warn!(cache = %inner.options.name, channel = %bp.channel, %reason, "backplane disconnected");
-                inner
-                    .telemetry
-                    .emit(|| CacheEvent::BackplaneDisconnected { reason });
             }
         }
     }
 }
+
+/// The most events the receive loop takes at once.
+const RECEIVE_BATCH: usize = 64;
 
 /// Decodes and applies one payload. Malformed payloads are dropped and counted, never a panic.
 pub(crate) fn apply<V>(inner: &Arc<Inner<V>>, payload: &[u8])

@@ -6,6 +6,7 @@
 //! nor the transport's own loop and health checks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -50,9 +51,52 @@ type Subscribers = Arc<[Subscriber]>;
 #[derive(Clone, Default)]
 pub(crate) struct Fanout {
     channels: Arc<Mutex<HashMap<String, Subscribers>>>,
+    /// Bumped whenever a channel's subscribers change: a [`ChannelSender`] then takes a new snapshot.
+    generation: Arc<AtomicU64>,
+}
+
+/// The sending side of one channel for a transport's receive loop: delivers each message to the channel's
+/// subscriptions from a snapshot it takes again only when they changed (one atomic load per message, no
+/// lock, no lookup).
+pub(crate) struct ChannelSender {
+    fanout: Fanout,
+    channel: String,
+    seen: u64,
+    subscribers: Option<Subscribers>,
+}
+
+impl ChannelSender {
+    /// Delivers `event` to the subscriptions of the channel, without waiting.
+    pub fn send(&mut self, event: BackplaneEvent) {
+        let generation = self.fanout.generation.load(Ordering::Acquire);
+        if generation != self.seen || self.subscribers.is_none() {
+            self.seen = generation;
+            self.subscribers = self.fanout.lock().get(&self.channel).cloned();
+        }
+        let Some(subscribers) = &self.subscribers else {
+            return;
+        };
+        let mut closed = false;
+        for s in subscribers.iter() {
+            closed |= !s.deliver(event.clone());
+        }
+        if closed {
+            self.fanout.prune();
+        }
+    }
 }
 
 impl Fanout {
+    /// A sender for `channel` (see [`ChannelSender`]).
+    pub fn sender(&self, channel: &str) -> ChannelSender {
+        ChannelSender {
+            fanout: self.clone(),
+            channel: channel.to_string(),
+            seen: 0,
+            subscribers: None,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Subscribers>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -79,13 +123,16 @@ impl Fanout {
             .cloned()
             .chain([subscriber.clone()])
             .collect();
+        self.generation.fetch_add(1, Ordering::AcqRel);
         (Subscription::with_lag(rx, lag), subscriber)
     }
 
     /// Drops the closed subscribers, and the channels left without any.
     fn prune(&self) {
+        let mut changed = false;
         self.lock().retain(|_, subscribers| {
             if subscribers.iter().any(|s| s.is_closed()) {
+                changed = true;
                 *subscribers = subscribers
                     .iter()
                     .filter(|s| !s.is_closed())
@@ -94,6 +141,9 @@ impl Fanout {
             }
             !subscribers.is_empty()
         });
+        if changed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// The live subscribers of `channel` (of every channel when `None`).
@@ -181,6 +231,36 @@ mod tests {
         assert_eq!(
             slow.next().await,
             Some(BackplaneEvent::Message(Bytes::from(vec![0])))
+        );
+    }
+
+    /// A channel's sender follows its subscriptions: one added after the sender was made gets the next
+    /// message, one dropped is pruned.
+    #[tokio::test]
+    async fn a_channel_sender_follows_subscriptions_as_they_come_and_go() {
+        let fanout = Fanout::default();
+        let mut sender = fanout.sender("c");
+        sender.send(BackplaneEvent::Message(Bytes::from_static(b"nobody")));
+        let (mut first, _) = fanout.add("c");
+        sender.send(BackplaneEvent::Message(Bytes::from_static(b"1")));
+        let (mut second, _) = fanout.add("c");
+        let (mut other, _) = fanout.add("other");
+        sender.send(BackplaneEvent::Message(Bytes::from_static(b"2")));
+        let message = |b: &'static [u8]| Some(BackplaneEvent::Message(Bytes::from_static(b)));
+        assert_eq!(first.next().await, message(b"1"));
+        assert_eq!(first.next().await, message(b"2"));
+        assert_eq!(second.next().await, message(b"2"));
+        drop(first);
+        sender.send(BackplaneEvent::Message(Bytes::from_static(b"3")));
+        assert_eq!(second.next().await, message(b"3"));
+        assert_eq!(
+            fanout.subscribers(Some("c")).len(),
+            1,
+            "the dropped one is pruned"
+        );
+        assert!(
+            other.events.try_recv().is_err(),
+            "nothing for another channel"
         );
     }
 }

@@ -120,6 +120,8 @@ pub(crate) struct Lag {
     missed: AtomicBool,
     /// The last connection event that did not fit, delivered before the next buffered event.
     state: Mutex<Option<BackplaneEvent>>,
+    /// `state` holds an event: spares the receiver the lock on every other event.
+    has_state: AtomicBool,
 }
 
 impl Lag {
@@ -127,6 +129,7 @@ impl Lag {
     pub(crate) fn record(&self, event: BackplaneEvent) {
         if !matches!(event, BackplaneEvent::Message(_)) {
             *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(event);
+            self.has_state.store(true, Ordering::Release);
         }
         self.missed.store(true, Ordering::Release);
     }
@@ -144,16 +147,33 @@ impl Subscription {
 
     /// The next event, or `None` when the transport is gone.
     pub async fn next(&mut self) -> Option<BackplaneEvent> {
-        let missed_state = self
-            .lag
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match missed_state {
+        match self.missed_state() {
             Some(state) => Some(state),
             None => self.events.recv().await,
         }
+    }
+
+    /// Up to `limit` events into `events` (appended), waiting for the first; 0 when the transport is gone.
+    pub(crate) async fn next_many(
+        &mut self,
+        events: &mut Vec<BackplaneEvent>,
+        limit: usize,
+    ) -> usize {
+        if let Some(state) = self.missed_state() {
+            events.push(state);
+            return 1;
+        }
+        self.events.recv_many(events, limit).await
+    }
+
+    /// A connection event that did not fit in the buffer, delivered before the buffered ones.
+    fn missed_state(&self) -> Option<BackplaneEvent> {
+        if !self.lag.has_state.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut state = self.lag.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.lag.has_state.store(false, Ordering::Release);
+        state.take()
     }
 
     /// Whether events were dropped since the last call because this subscription fell behind (its buffer

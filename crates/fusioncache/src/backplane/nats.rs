@@ -642,6 +642,7 @@ impl Forwarder {
     /// connection's events say `Disconnected` and async-nats subscribes again on reconnection).
     async fn watch(&self, subscriber: &mut async_nats::Subscriber) -> String {
         let mut quiet = QuietChannel::new(self.liveness);
+        let mut sender = self.subscriptions.sender(&self.subject);
         loop {
             tokio::select! {
                 biased;
@@ -650,8 +651,7 @@ impl Forwarder {
                         return "subscription closed".into();
                     };
                     quiet.heard();
-                    self.subscriptions
-                        .send_to(&self.subject, BackplaneEvent::Message(message.payload));
+                    sender.send(BackplaneEvent::Message(message.payload));
                 }
                 () = tokio::time::sleep_until(quiet.deadline()) => {
                     if self.client.connection_state() != State::Connected {

@@ -46,7 +46,7 @@ use tokio::time::Instant;
 pub(crate) use self::connection::{Addr, Target};
 use self::connection::{Frame, PubSubConnection};
 
-use super::fanout::Fanout;
+use super::fanout::{ChannelSender, Fanout};
 use super::liveness::{probe_message, reconnect_backoff, Liveness, QuietChannel, Verdict};
 use super::{Backplane, BackplaneError, BackplaneEvent, Subscription};
 use crate::redis::RedisConnection;
@@ -286,12 +286,18 @@ enum Event {
     Timer,
 }
 
+/// A subscribed channel: its end-to-end watch, and where its messages go.
+struct Channel {
+    watch: QuietChannel,
+    sender: ChannelSender,
+}
+
 /// One pub/sub connection, its channels (subscribed, and asked for but not confirmed yet) and their
 /// watches.
 struct Session {
     conn: PubSubConnection,
     liveness: Liveness,
-    channels: HashMap<String, QuietChannel>,
+    channels: HashMap<String, Channel>,
     /// Channels whose `SUBSCRIBE` was sent, with the time by which the server must confirm it.
     pending: HashMap<String, Instant>,
 }
@@ -361,7 +367,7 @@ impl Session {
             if !pinged {
                 wake = wake.min(alive_at + liveness.interval);
             }
-            if let Some(channel) = self.channels.values().map(QuietChannel::deadline).min() {
+            if let Some(channel) = self.channels.values().map(|c| c.watch.deadline()).min() {
                 wake = wake.min(channel);
             }
             if let Some(pending) = self.pending.values().min() {
@@ -386,17 +392,21 @@ impl Session {
                             let Ok(channel) = std::str::from_utf8(&channel) else {
                                 continue;
                             };
-                            if let Some(watch) = self.channels.get_mut(channel) {
-                                watch.heard_at(now);
-                            }
                             // Probes too: subscribers (the cache, the CLI's probe) tell them apart by key.
-                            subscriptions.send_to(channel, BackplaneEvent::Message(payload));
+                            if let Some(subscribed) = self.channels.get_mut(channel) {
+                                subscribed.watch.heard_at(now);
+                                subscribed.sender.send(BackplaneEvent::Message(payload));
+                            }
                         }
                         Frame::Subscribed(channel) => {
                             let channel = String::from_utf8_lossy(&channel).into_owned();
                             if self.pending.remove(&channel).is_some() {
                                 subscriptions.send_to(&channel, BackplaneEvent::Connected);
-                                self.channels.insert(channel, QuietChannel::new(liveness));
+                                let subscribed = Channel {
+                                    watch: QuietChannel::new(liveness),
+                                    sender: subscriptions.sender(&channel),
+                                };
+                                self.channels.insert(channel, subscribed);
                             }
                         }
                         Frame::Pong { subscribed } => {
@@ -432,8 +442,8 @@ impl Session {
                     if let Some(Ok((channel, false))) = sent {
                         // The probe could not be published: the channel cannot be judged now (the
                         // connection's own check still runs).
-                        if let Some(watch) = self.channels.get_mut(&channel) {
-                            watch.heard();
+                        if let Some(subscribed) = self.channels.get_mut(&channel) {
+                            subscribed.watch.heard();
                         }
                     }
                 }
@@ -454,7 +464,7 @@ impl Session {
                         }
                         pinged = true;
                     }
-                    for (channel, watch) in &mut self.channels {
+                    for (channel, Channel { watch, .. }) in &mut self.channels {
                         match watch.poll() {
                             Verdict::Wait => {}
                             Verdict::Probe => {
