@@ -15,9 +15,10 @@ use crate::cache::Inner;
 use crate::error::{BoxError, Error};
 use crate::events::CacheEvent;
 use crate::guard::Hold;
-use crate::l1::{EntryTags, L1Lookup, Lifetime};
+use crate::l1::{L1Lookup, Lifetime};
 use crate::options::EntryOptions;
 use crate::reads::L2Outcome;
+use crate::tags::TagSetId;
 use crate::telemetry::Counters;
 
 /// What a factory can decide about the entry it produces, once it knows the data (FusionCache's
@@ -63,7 +64,7 @@ impl FactoryContext {
 }
 
 /// A last known value that can stand in for a failing factory: the value, its write, its tags.
-type Fallback<V> = Option<(V, i64, EntryTags)>;
+type Fallback<V> = Option<(V, i64, Option<TagSetId>)>;
 
 impl<V> Inner<V>
 where
@@ -108,7 +109,8 @@ where
                 L2Outcome::Stale(e)
                     if fallback.as_ref().is_none_or(|(_, t, _)| *t < e.timestamp) =>
                 {
-                    fallback = Some((e.value, e.timestamp, e.states));
+                    let tags = this.l1.tags().set_id(e.states.as_deref());
+                    fallback = Some((e.value, e.timestamp, tags));
                 }
                 _ => {}
             }

@@ -17,7 +17,7 @@ use quick_cache::UnitWeighter;
 
 use crate::clock::Instant;
 
-use crate::tags::{TagState, Tags, Visibility};
+use crate::tags::{TagSetId, TagState, Tags, Visibility};
 
 /// How long an entry is fresh and how long it stays usable (as a fail-safe fallback) in L1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +28,8 @@ pub(crate) struct Lifetime {
     pub refresh_after: Option<Duration>,
 }
 
-/// The tag states an entry points to (`None`: untagged, the common case, at no cost).
+/// The states of an entry's tags, as a read from L2 judges them (`None`: untagged). In L1 an entry carries
+/// them as a [`TagSetId`].
 pub(crate) type EntryTags = Option<Arc<[Arc<TagState>]>>;
 
 /// A value in L1. Stored by value (a hit clones it out, which clones `V` once, as a raw cache get would);
@@ -49,8 +50,9 @@ pub(crate) struct L1Entry<V> {
     pub refresh_at: Instant,
     /// The stale epoch when it was created: older than the current one means stale.
     pub epoch: u64,
-    /// Its tags, checked against their removal timestamps on every read.
-    pub tags: EntryTags,
+    /// Its tags (a set of the cache's table: copied with the entry at no cost), checked against their
+    /// removal timestamps on every read.
+    pub tags: Option<TagSetId>,
 }
 
 impl<V> L1Entry<V> {
@@ -162,7 +164,7 @@ where
         value: V,
         timestamp: i64,
         lifetime: Lifetime,
-        tags: EntryTags,
+        tags: Option<TagSetId>,
     ) -> L1Entry<V> {
         let now = Instant::now();
         let usable_until = now + lifetime.usable_for.min(self.retention);
@@ -254,7 +256,7 @@ where
         if !entry.is_usable(now) {
             return Standing::Missing;
         }
-        match self.tags.visibility(entry.timestamp, entry.tags.as_deref()) {
+        match self.tags.visibility_of(entry.timestamp, entry.tags) {
             Visibility::Removed => return Standing::Missing,
             Visibility::Expired => return Standing::Expired,
             Visibility::Visible if !entry.is_fresh(now, self.epoch.load(Ordering::Acquire)) => {
@@ -377,9 +379,19 @@ where
         }
     }
 
+    /// Drops the unusable entries, then the tag sets no entry points to any more.
     #[cold]
     fn sweep(&self, now: Instant) {
-        self.cache.retain(|_, entry| entry.is_usable(now));
+        let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+        self.cache.retain(|_, entry| {
+            let usable = entry.is_usable(now);
+            if let (true, Some(id)) = (usable, entry.tags) {
+                seen.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+            }
+            usable
+        });
+        self.tags
+            .sweep_sets(&seen.into_inner().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -411,8 +423,8 @@ mod tests {
             None,
             Tags::new(RemoveByTagBehavior::Expire),
         );
-        let tagged = l1.tags().states(&["t"]);
-        let put = |key: &str, ts: i64, lt: Lifetime, tags: EntryTags| {
+        let tagged = l1.tags().set_id(l1.tags().states(&["t"]).as_deref());
+        let put = |key: &str, ts: i64, lt: Lifetime, tags: Option<TagSetId>| {
             l1.write(key, l1.entry(key.to_string(), ts, lt, tags));
         };
         put("fresh", 10, lifetime(60, 120), None);

@@ -203,9 +203,10 @@ where
         options: &EntryOptions,
     ) -> V {
         let lifetime = self.lifetime_from_l2(options, entry.fresh_for, entry.usable_for);
+        let tags = self.l1.tags().set_id(entry.states.as_deref());
         let l1_entry = self
             .l1
-            .entry(entry.value.clone(), entry.timestamp, lifetime, entry.states);
+            .entry(entry.value.clone(), entry.timestamp, lifetime, tags);
         hold.install(entry.timestamp, || self.l1.install(key, l1_entry));
         entry.value
     }
@@ -229,9 +230,8 @@ where
         if lifetime.fresh_for.is_zero() {
             return self.l1.remove(key);
         }
-        let l1_entry = self
-            .l1
-            .entry(entry.value, entry.timestamp, lifetime, entry.states);
+        let tags = self.l1.tags().set_id(entry.states.as_deref());
+        let l1_entry = self.l1.entry(entry.value, entry.timestamp, lifetime, tags);
         hold.install(entry.timestamp, || self.l1.refresh(key, l1_entry));
     }
 

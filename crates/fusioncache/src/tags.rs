@@ -8,14 +8,17 @@
 //! O(1) whatever the cache size, honoured by nodes started later (they read the timestamps from L2), and
 //! entries written afterwards survive.
 //!
-//! Each tag this node knows is a shared [`TagState`] that L1 entries point to, so checking the tags of an
-//! L1 hit is one atomic load per tag, with no lookup and no lock. A state's timestamp is resolved from L2
+//! Each tag this node knows is a shared [`TagState`]. An L1 entry carries its tags as a [`TagSetId`], a
+//! slot of the cache's table of tag sets, which a hit copies with the entry at no cost (a reference-counted
+//! set would cost every tagged hit two atomic read-modify-writes). A hit of an entry written after the
+//! newest removal of any tag needs nothing more (one atomic load); an older one looks its set up and checks
+//! each tag. The table's unused sets are dropped by the L1's sweep. A state's timestamp is resolved from L2
 //! before an entry read from L2 is trusted, once per stale epoch (again after every reconnection or gap,
 //! when the node may have missed a removal), or on every L2 read when the cache has no backplane.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 /// The prefix of FusionCache's internal keys (tags, clear, probes): never a user entry.
 pub(crate) const INTERNAL_KEY_PREFIX: &str = "__fc:";
@@ -49,6 +52,8 @@ pub(crate) struct TagState {
     name: Box<str>,
     removed_at: AtomicI64,
     resolved_in: AtomicU64,
+    /// The cache's newest removal of any tag (clear markers included), kept up to date with this one.
+    any: Arc<AtomicI64>,
     /// For the clear markers: the cache's newest clear timestamp, kept up to date with this one.
     also: Option<Arc<AtomicI64>>,
 }
@@ -56,11 +61,12 @@ pub(crate) struct TagState {
 const UNRESOLVED: u64 = u64::MAX;
 
 impl TagState {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, any: &Arc<AtomicI64>) -> Self {
         Self {
             name: name.into(),
             removed_at: AtomicI64::new(i64::MIN),
             resolved_in: AtomicU64::new(UNRESOLVED),
+            any: any.clone(),
             also: None,
         }
     }
@@ -78,6 +84,7 @@ impl TagState {
     /// Records a removal at `timestamp` (the newest wins).
     pub fn removed(&self, timestamp: i64) {
         self.removed_at.fetch_max(timestamp, Ordering::AcqRel);
+        self.any.fetch_max(timestamp, Ordering::AcqRel);
         if let Some(also) = &self.also {
             also.fetch_max(timestamp, Ordering::AcqRel);
         }
@@ -97,8 +104,8 @@ impl TagState {
     }
 }
 
-/// How an entry stands against the clears and the removals of its tags.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an entry stands against the clears and the removals of its tags (in order of severity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Visibility {
     Visible,
     /// Expired by a clear or a tag removal: usable only as a fail-safe fallback.
@@ -107,14 +114,18 @@ pub(crate) enum Visibility {
     Removed,
 }
 
-/// The tags of one cache: the two clear markers and a registry of the tags its entries carry.
+/// The tags of one cache: the two clear markers, a registry of the tags its entries carry, and the table of
+/// the tag sets L1 entries point to.
 pub(crate) struct Tags {
     pub clear_expire: Arc<TagState>,
     pub clear_remove: Arc<TagState>,
     /// The newest timestamp of either clear (one load on the L1 hit path of an untagged entry).
     last_clear: Arc<AtomicI64>,
+    /// The newest removal of any tag, clears included (one load on the L1 hit path of a tagged entry).
+    any_removal: Arc<AtomicI64>,
     pub behavior: RemoveByTagBehavior,
     registry: Mutex<Registry>,
+    sets: RwLock<TagSets>,
 }
 
 #[derive(Default)]
@@ -124,22 +135,162 @@ struct Registry {
     swept_at: usize,
 }
 
+/// The tags of an L1 entry: a slot of its cache's [`TagSets`], valid while the slot's generation is this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct TagSetId {
+    slot: u32,
+    generation: u32,
+}
+
+/// The tag sets L1 entries point to, one per distinct list of tags, kept until the L1's sweeps find no
+/// entry pointing to them [`SET_GRACE_SWEEPS`] times in a row.
+#[derive(Default)]
+struct TagSets {
+    slots: Vec<SetSlot>,
+    by_names: HashMap<Box<[Box<str>]>, u32>,
+    free: Vec<u32>,
+}
+
+#[derive(Default)]
+struct SetSlot {
+    generation: u32,
+    states: Option<Arc<[Arc<TagState>]>>,
+    /// Sweeps in a row that found no entry with this set.
+    unseen: u8,
+}
+
+/// A set no entry points to is dropped at this many sweeps in a row: one sweep of grace covers an operation
+/// that holds a set's id across the sweep before its entry is in L1 (a factory run keeping a fail-safe
+/// fallback). An entry that still points to a dropped set counts as expired, never as fresh.
+const SET_GRACE_SWEEPS: u8 = 2;
+
 impl Tags {
     pub fn new(behavior: RemoveByTagBehavior) -> Self {
         let last_clear = Arc::new(AtomicI64::new(i64::MIN));
+        let any_removal = Arc::new(AtomicI64::new(i64::MIN));
         Self {
             clear_expire: Arc::new(TagState {
                 also: Some(last_clear.clone()),
-                ..TagState::new(CLEAR_EXPIRE_TAG)
+                ..TagState::new(CLEAR_EXPIRE_TAG, &any_removal)
             }),
             clear_remove: Arc::new(TagState {
                 also: Some(last_clear.clone()),
-                ..TagState::new(CLEAR_REMOVE_TAG)
+                ..TagState::new(CLEAR_REMOVE_TAG, &any_removal)
             }),
             last_clear,
+            any_removal,
             behavior,
             registry: Mutex::default(),
+            sets: RwLock::default(),
         }
+    }
+
+    /// The id of the set of `states` (`None` for none), added to the table if it is new.
+    pub fn set_id(&self, states: Option<&[Arc<TagState>]>) -> Option<TagSetId> {
+        let states = states.filter(|s| !s.is_empty())?;
+        let names: Box<[Box<str>]> = states.iter().map(|t| t.name.clone()).collect();
+        if let Some(id) = self.find_set(&names) {
+            return Some(id);
+        }
+        let mut sets = self.sets.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(&slot) = sets.by_names.get(&names) {
+            let generation = sets.slots[slot as usize].generation;
+            return Some(TagSetId { slot, generation });
+        }
+        let slot = match sets.free.pop() {
+            Some(slot) => slot,
+            None => {
+                sets.slots.push(SetSlot::default());
+                u32::try_from(sets.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let entry = &mut sets.slots[slot as usize];
+        entry.states = Some(states.into());
+        entry.unseen = 0;
+        let generation = entry.generation;
+        sets.by_names.insert(names, slot);
+        Some(TagSetId { slot, generation })
+    }
+
+    /// The id of the set of the tags named `tags` (`None` for none), added to the table if it is new.
+    pub fn set_of<S: AsRef<str>>(&self, tags: &[S]) -> Option<TagSetId> {
+        if tags.is_empty() {
+            return None;
+        }
+        let names: Box<[Box<str>]> = tags.iter().map(|t| t.as_ref().into()).collect();
+        self.find_set(&names)
+            .or_else(|| self.set_id(self.states(tags).as_deref()))
+    }
+
+    fn find_set(&self, names: &[Box<str>]) -> Option<TagSetId> {
+        let sets = self.sets.read().unwrap_or_else(|e| e.into_inner());
+        let slot = *sets.by_names.get(names)?;
+        let generation = sets.slots[slot as usize].generation;
+        Some(TagSetId { slot, generation })
+    }
+
+    /// How an L1 entry written at `timestamp` with the tag set `tags` stands now: an entry written after the
+    /// newest removal of any tag at the cost of one load; otherwise against each of its tags (an entry whose
+    /// set was dropped counts as expired).
+    #[inline(always)]
+    pub fn visibility_of(&self, timestamp: i64, tags: Option<TagSetId>) -> Visibility {
+        match tags {
+            None => self.visibility(timestamp, None),
+            Some(_) if timestamp > self.any_removal.load(Ordering::Relaxed) => Visibility::Visible,
+            Some(id) => self.visibility_slow(timestamp, id),
+        }
+    }
+
+    #[cold]
+    fn visibility_slow(&self, timestamp: i64, id: TagSetId) -> Visibility {
+        let sets = self.sets.read().unwrap_or_else(|e| e.into_inner());
+        let states = sets
+            .slots
+            .get(id.slot as usize)
+            .filter(|slot| slot.generation == id.generation)
+            .and_then(|slot| slot.states.as_deref());
+        match states {
+            Some(states) => self.visibility(timestamp, Some(states)),
+            None => self.visibility(timestamp, None).max(Visibility::Expired),
+        }
+    }
+
+    /// After an L1 sweep that found the sets `seen`: the sets no entry pointed to for
+    /// [`SET_GRACE_SWEEPS`] sweeps in a row are dropped (their ids turn invalid).
+    pub fn sweep_sets(&self, seen: &HashSet<TagSetId>) {
+        let mut sets = self.sets.write().unwrap_or_else(|e| e.into_inner());
+        let sets = &mut *sets;
+        let mut dropped = Vec::new();
+        for (slot, entry) in sets.slots.iter_mut().enumerate() {
+            if entry.states.is_none() {
+                continue;
+            }
+            let id = TagSetId {
+                slot: slot as u32,
+                generation: entry.generation,
+            };
+            if seen.contains(&id) {
+                entry.unseen = 0;
+                continue;
+            }
+            entry.unseen += 1;
+            if entry.unseen >= SET_GRACE_SWEEPS {
+                entry.states = None;
+                entry.generation = entry.generation.wrapping_add(1);
+                dropped.push(slot as u32);
+            }
+        }
+        if !dropped.is_empty() {
+            sets.by_names.retain(|_, slot| !dropped.contains(slot));
+            sets.free.extend(dropped);
+        }
+    }
+
+    /// The number of sets in the table (tests).
+    #[cfg(test)]
+    pub fn set_count(&self) -> usize {
+        let sets = self.sets.read().unwrap_or_else(|e| e.into_inner());
+        sets.slots.iter().filter(|s| s.states.is_some()).count()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -158,7 +309,7 @@ impl Tags {
         if let Some(state) = reg.states.get(tag).and_then(Weak::upgrade) {
             return state;
         }
-        let state = Arc::new(TagState::new(tag));
+        let state = Arc::new(TagState::new(tag, &self.any_removal));
         reg.states.insert(tag.into(), Arc::downgrade(&state));
         if reg.states.len() > 2 * reg.swept_at.max(512) {
             reg.states.retain(|_, w| w.strong_count() > 0);
@@ -285,5 +436,75 @@ mod tests {
         assert_eq!(x[0].removed_at(), 7);
         x[0].resolve(Some(3), 1);
         assert_eq!(x[0].removed_at(), 7, "the newest wins");
+    }
+
+    /// Entries with the same tags share one set; a set is kept while the sweeps find an entry with it,
+    /// dropped after two sweeps without, and an entry still pointing to a dropped set counts as expired.
+    #[test]
+    fn tag_sets_are_shared_and_dropped_two_sweeps_after_their_last_entry() {
+        let tags = Tags::new(RemoveByTagBehavior::Expire);
+        let xy = tags.set_of(&["x", "y"]).unwrap();
+        assert_eq!(tags.set_of(&["x", "y"]), Some(xy), "shared");
+        assert_eq!(tags.set_id(tags.states(&["x", "y"]).as_deref()), Some(xy));
+        let x = tags.set_of(&["x"]).unwrap();
+        assert_ne!(x, xy);
+        assert_eq!(tags.set_of::<&str>(&[]), None);
+        assert_eq!(tags.set_count(), 2);
+
+        let seen: HashSet<TagSetId> = [xy].into_iter().collect();
+        tags.sweep_sets(&seen);
+        assert_eq!(tags.set_count(), 2, "x: one sweep unseen, kept");
+        tags.sweep_sets(&seen);
+        assert_eq!(tags.set_count(), 1, "x dropped after two sweeps unseen");
+        assert_eq!(tags.visibility_of(10, Some(xy)), Visibility::Visible);
+        tags.existing("x").unwrap().removed(20);
+        assert_eq!(
+            tags.visibility_of(10, Some(x)),
+            Visibility::Expired,
+            "a dropped set: expired, not fresh"
+        );
+        assert_eq!(
+            tags.visibility_of(10, Some(xy)),
+            Visibility::Expired,
+            "x removed"
+        );
+        assert_eq!(
+            tags.visibility_of(21, Some(xy)),
+            Visibility::Visible,
+            "written after"
+        );
+        let again = tags.set_of(&["x"]).unwrap();
+        assert_ne!(again, x, "a new set in the freed slot has a new generation");
+        assert_eq!(tags.visibility_of(21, Some(again)), Visibility::Visible);
+        assert_eq!(
+            tags.visibility_of(21, Some(x)),
+            Visibility::Visible,
+            "written after every removal: no tag of it can be gone, whatever its set"
+        );
+    }
+
+    /// A tagged entry written after the newest removal of any tag is visible at the cost of one load; one
+    /// written before it is checked against its own tags only.
+    #[test]
+    fn only_entries_older_than_a_removal_are_checked_tag_by_tag() {
+        let tags = Tags::new(RemoveByTagBehavior::Remove);
+        let a = tags.set_of(&["a"]).unwrap();
+        let b = tags.set_of(&["b"]).unwrap();
+        tags.existing("a").unwrap().removed(50);
+        assert_eq!(tags.visibility_of(40, Some(a)), Visibility::Removed);
+        assert_eq!(
+            tags.visibility_of(40, Some(b)),
+            Visibility::Visible,
+            "b not removed"
+        );
+        assert_eq!(tags.visibility_of(60, Some(a)), Visibility::Visible);
+        tags.clear_expire.removed(70);
+        assert_eq!(
+            tags.visibility_of(65, Some(b)),
+            Visibility::Expired,
+            "cleared"
+        );
+        assert_eq!(tags.visibility_of(65, None), Visibility::Expired);
+        assert_eq!(tags.visibility_of(71, Some(b)), Visibility::Visible);
     }
 }

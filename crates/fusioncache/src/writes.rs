@@ -71,7 +71,7 @@ where
             _ => None,
         };
         let lifetime = this.lifetime_from_options(options);
-        let tags = this.l1.tags().states(&options.tags);
+        let tags = this.l1.tags().set_of(&options.tags);
         this.l1
             .write(&key, this.l1.entry(value, timestamp, lifetime, tags));
         Counters::incr(&this.telemetry.counters.sets);
