@@ -431,7 +431,7 @@ mod tests {
         put("expired", 10, lifetime(0, 120), None);
         put("marked", 10, lifetime(60, 120), None);
         assert!(l1.mark_stale("marked", |_| true));
-        put("tag-removed", 10, lifetime(60, 120), tagged.clone());
+        put("tag-removed", 10, lifetime(60, 120), tagged);
         l1.tags().state("t").removed(20);
         put("tagged-after", 30, lifetime(60, 120), tagged);
         let now = Instant::now();
