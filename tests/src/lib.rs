@@ -106,7 +106,6 @@ pub fn make_certificates(dir: &std::path::Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
     run(&[
         "req",
         "-x509",
@@ -122,66 +121,42 @@ pub fn make_certificates(dir: &std::path::Path) {
         "-days",
         "1",
     ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-    ]);
-    // A client certificate for mutual TLS, from the same CA (an X.509 v3 one: rustls refuses v1).
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "client.key",
-        "-out",
-        "client.csr",
-        "-subj",
+    // Each certificate is X.509 v3 (an extension file): rustls refuses v1 client certificates.
+    let issue = |name: &str, subject: &str, extension: &str| {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(dir.join(&ext), format!("{extension}\n")).unwrap();
+        run(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject,
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+        ]);
+    };
+    issue("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1");
+    issue(
+        "client",
         "/CN=fusioncache-test-client",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "client.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "client.ext",
-    ]);
+        "extendedKeyUsage=clientAuth",
+    );
 }
 
 /// Writes a Service Binding directory as the operator's Secret is mounted: `type` and `provider`, then one

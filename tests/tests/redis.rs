@@ -266,9 +266,11 @@ async fn an_acl_user_from_the_url_works_and_a_wrong_password_is_a_clear_error() 
     assert!(err.contains("distributed cache"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rediss_urls_connect_over_tls_with_a_custom_ca() {
-    let dir = std::env::temp_dir().join(format!("fusioncache-tls-{}", std::process::id()));
+/// A redis-server listening with TLS only, its certificates (see `make_certificates`) in a new directory
+/// named after `name`; with `auth_clients`, every client must present a certificate of the CA. Returns the
+/// server, its `rediss://` URL and the directory.
+fn tls_server(name: &str, auth_clients: bool) -> (RedisServer, String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("fusioncache-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     fusioncache_integration_tests::make_certificates(&dir);
     let tls_port = fusioncache_testkit::free_port();
@@ -283,14 +285,19 @@ async fn rediss_urls_connect_over_tls_with_a_custom_ca() {
         "--tls-ca-cert-file",
         &path("ca.crt"),
         "--tls-auth-clients",
-        "no",
+        if auth_clients { "yes" } else { "no" },
     ])
     .unwrap();
+    (server, format!("rediss://127.0.0.1:{tls_port}"), dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_connect_over_tls_with_a_custom_ca() {
+    let (server, url, dir) = tls_server("tls", false);
     let options = fusioncache::redis::RedisOptions {
         tls_ca_certificate: Some(dir.join("ca.crt")),
         ..fusioncache_integration_tests::fast_redis_options()
     };
-    let url = format!("rediss://127.0.0.1:{tls_port}");
     let node = || {
         let redis = fusioncache::redis::RedisConnection::open_with(&url, options.clone()).unwrap();
         fusioncache::FusionCache::<String>::builder()
@@ -332,25 +339,7 @@ async fn rediss_urls_connect_over_tls_with_a_custom_ca() {
 /// not a panic, and its backplane never connects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_carries_l2_and_the_backplane_and_refuses_a_node_without_a_certificate() {
-    let dir = std::env::temp_dir().join(format!("fusioncache-mtls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    fusioncache_integration_tests::make_certificates(&dir);
-    let tls_port = fusioncache_testkit::free_port();
-    let path = |f: &str| dir.join(f).display().to_string();
-    let server = RedisServer::start_with_args(&[
-        "--tls-port",
-        &tls_port.to_string(),
-        "--tls-cert-file",
-        &path("server.crt"),
-        "--tls-key-file",
-        &path("server.key"),
-        "--tls-ca-cert-file",
-        &path("ca.crt"),
-        "--tls-auth-clients",
-        "yes",
-    ])
-    .unwrap();
-    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let (server, url, dir) = tls_server("mtls", true);
     let options = fusioncache::redis::RedisOptions {
         tls_ca_certificate: Some(dir.join("ca.crt")),
         tls_client_certificate: Some((dir.join("client.crt"), dir.join("client.key"))),

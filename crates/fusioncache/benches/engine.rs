@@ -182,17 +182,15 @@ fn main() {
     }
 
     // Each row: the operation against raw moka get and raw quick_cache get (of the same value type).
-    let mut rows: Vec<(&str, (f64, f64), Vec<f64>)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut raw_get = || {
         black_box(raw.get(black_box(key)));
     };
     let mut raw_qc_get = || {
         black_box(raw_qc.get(black_box(key)));
     };
-    let mut against = |name, op: &mut dyn FnMut()| {
-        let (stats, ratios) = measure_against(&mut [&mut raw_get, &mut raw_qc_get], op);
-        rows.push((name, stats, ratios));
-    };
+    let mut against =
+        |name, op: &mut dyn FnMut()| row(&mut rows, name, &mut [&mut raw_get, &mut raw_qc_get], op);
     against("raw moka get", &mut || {
         black_box(raw.get(black_box(key)));
     });
@@ -223,7 +221,7 @@ fn main() {
         },
     );
 
-    let mut arc_rows: Vec<(&str, (f64, f64), Vec<f64>)> = Vec::new();
+    let mut arc_rows: Vec<Row> = Vec::new();
     let mut raw_arc_get = || {
         black_box(raw_arc.get(black_box(key)));
     };
@@ -231,8 +229,12 @@ fn main() {
         black_box(raw_qc_arc.get(black_box(key)));
     };
     let mut against_arc = |name, op: &mut dyn FnMut()| {
-        let (stats, ratios) = measure_against(&mut [&mut raw_arc_get, &mut raw_qc_arc_get], op);
-        arc_rows.push((name, stats, ratios));
+        row(
+            &mut arc_rows,
+            name,
+            &mut [&mut raw_arc_get, &mut raw_qc_arc_get],
+            op,
+        )
     };
     against_arc("raw moka get", &mut || {
         black_box(raw_arc.get(black_box(key)));
@@ -244,7 +246,7 @@ fn main() {
         black_box(poll_once(cache_arc.get(black_box(key))).flatten());
     });
 
-    let mut many_rows: Vec<(&str, (f64, f64), Vec<f64>)> = Vec::new();
+    let mut many_rows: Vec<Row> = Vec::new();
     let next = |i: &mut usize| {
         *i = (*i + 1) % MANY_KEYS;
         many[*i].as_str()
@@ -257,8 +259,12 @@ fn main() {
         black_box(raw_qc_many.get(next(&mut b)));
     };
     let mut against_many = |name, op: &mut dyn FnMut()| {
-        let (stats, ratios) = measure_against(&mut [&mut raw_many_get, &mut raw_qc_many_get], op);
-        many_rows.push((name, stats, ratios));
+        row(
+            &mut many_rows,
+            name,
+            &mut [&mut raw_many_get, &mut raw_qc_many_get],
+            op,
+        )
     };
     against_many("raw moka get", &mut || {
         black_box(raw_many.get(next(&mut c)));
@@ -332,6 +338,20 @@ fn main() {
         "goals: get <= 1.15x raw moka get (String values); encode + decode < 200 ns. Rows of raw caches \
          show each baseline against the other (the first ratio of raw moka is 1.00x by construction)."
     );
+}
+
+/// One row of a table: an operation, its (p50, p99) ns/op, and its ratio to each baseline.
+type Row<'a> = (&'a str, (f64, f64), Vec<f64>);
+
+/// Measures `op` against `baselines` and adds it to `rows` as `name`.
+fn row<'a>(
+    rows: &mut Vec<Row<'a>>,
+    name: &'a str,
+    baselines: &mut [&mut dyn FnMut()],
+    op: &mut dyn FnMut(),
+) {
+    let (stats, ratios) = measure_against(baselines, op);
+    rows.push((name, stats, ratios));
 }
 
 /// The keys of the many-keys rows.
