@@ -306,7 +306,9 @@ fn main() {
         ),
     ] {
         println!();
-        println!("| {title} | p50 ns/op | p99 ns/op | ratio to raw moka get | ratio to raw quick_cache get |");
+        println!(
+            "| {title} | p50 ns/op | p99 ns/op | ratio to raw moka get | ratio to raw quick_cache get |"
+        );
         println!("|---|---:|---:|---:|---:|");
         for (name, (p50, p99), ratios) in rows.iter() {
             println!(

@@ -243,25 +243,30 @@ impl AutoRecovery {
     /// For a notification of `key` at `timestamp` from another node: whether to apply it. A newer one
     /// supersedes a queued item of the key (dropped); an older one is ignored, ours will be sent.
     pub fn admit_incoming(&self, key: &str, timestamp: i64) -> bool {
-        if self.len() == 0 {
-            return true;
+        self.len() == 0 || self.drop_older(key, timestamp).unwrap_or(true)
+    }
+
+    /// A change of `key` at `timestamp` from this node went through L2: a queued older change of the key
+    /// is obsolete (replayed later, it would undo it: a removed key would come back).
+    pub fn supersede(&self, key: &str, timestamp: i64) {
+        if self.len() > 0 {
+            self.drop_older(key, timestamp);
         }
-        let superseded = {
+    }
+
+    /// Drops `key`'s queued item if it is older than `timestamp`: `None` when none is queued, else whether
+    /// it was dropped.
+    fn drop_older(&self, key: &str, timestamp: i64) -> Option<bool> {
+        {
             let mut q = self.lock();
-            match q.items.get(key) {
-                None => return true,
-                Some(item) if item.timestamp >= timestamp => return false,
-                Some(_) => {
-                    q.take(key);
-                    self.len.store(q.items.len(), Ordering::Release);
-                }
+            if q.items.get(key)?.timestamp >= timestamp {
+                return Some(false);
             }
-            true
-        };
-        if superseded {
-            self.dropped(key, DropReason::Superseded);
+            q.take(key);
+            self.len.store(q.items.len(), Ordering::Release);
         }
-        true
+        self.dropped(key, DropReason::Superseded);
+        Some(true)
     }
 
     /// The queued items, oldest first.

@@ -508,7 +508,10 @@ mod tests {
         assert!(l1.mark_stale("k", |e| e.timestamp < 13));
         assert_eq!(value("k"), None, "marked stale in place");
         assert!(
-            matches!(l1.lookup("k", Instant::now(), None), L1Lookup::Stale { expired: true, ref entry } if entry.value == "v12"),
+            matches!(
+                l1.lookup("k", Instant::now(), None),
+                L1Lookup::Stale { expired: true, ref entry } if entry.value == "v12"
+            ),
             "still there as a fail-safe fallback"
         );
         l1.write("k", entry(1));

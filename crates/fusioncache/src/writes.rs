@@ -178,6 +178,7 @@ where
             };
             match written {
                 Ok(recovered) => {
+                    self.recovery.supersede(key, op.timestamp);
                     if recovered {
                         self.recovery.kick();
                     }
@@ -283,6 +284,7 @@ where
         }
         match l2.outcome(Some(key), written) {
             Ok(((), recovered)) => {
+                self.recovery.supersede(key, op.timestamp);
                 if recovered {
                     self.recovery.kick();
                 }

@@ -268,3 +268,48 @@ async fn a_full_queue_drops_what_expires_first_and_counts_it() {
     );
     assert_eq!(cache.stats().auto_recovery_dropped, 2);
 }
+
+/// A change queued for auto-recovery is obsolete once a newer change of the same key from this node went
+/// through: replayed later, a queued write would bring back a key removed since (L2 read back before the
+/// replay finds nothing to tell it is older).
+#[tokio::test]
+async fn a_newer_local_change_that_went_through_supersedes_a_queued_one() {
+    let (store, bus) = (MemoryDistributedCache::new(), MemoryBackplane::new());
+    let node = || {
+        let (l2, faults) = FaultyL2::new(Arc::new(store.clone()));
+        let cache: FusionCache<u64> = FusionCache::builder()
+            .name("stock")
+            // Retries only when kicked (below), and no breaker: the next change goes straight to L2.
+            .auto_recovery_delay(Duration::from_secs(600))
+            .l2_circuit_breaker_duration(Duration::ZERO)
+            .default_entry_options(EntryOptions::new().duration(Duration::from_secs(600)))
+            .distributed_cache(l2)
+            .backplane(bus.clone())
+            .build()
+            .unwrap();
+        (cache, faults)
+    };
+    let ((a, a_l2), (b, _)) = (node(), node());
+    for n in [&a, &b] {
+        assert!(n.wait_for_backplane(Duration::from_secs(5)).await);
+    }
+    a.set("k", 1).await.unwrap();
+    assert_eq!(b.get("k").await, Some(1));
+
+    a_l2.fail_all(true);
+    a.set("k", 2).await.unwrap();
+    assert_eq!(a.pending_recovery(), 1, "queued");
+    a_l2.fail_all(false);
+    a.remove("k").await.unwrap();
+    assert_eq!(a.pending_recovery(), 0, "the queued write is obsolete");
+    assert!(within(Duration::from_secs(2), || b.peek("k").is_none()).await);
+
+    // A reconnection kicks auto-recovery: nothing is left to replay, the key stays removed.
+    let replayed = a.stats().auto_recovery_replayed;
+    bus.disconnect();
+    bus.reconnect();
+    assert!(a.wait_for_backplane(Duration::from_secs(5)).await);
+    assert_eq!(a.get("k").await, None);
+    assert_eq!(b.get("k").await, None);
+    assert_eq!(a.stats().auto_recovery_replayed, replayed);
+}

@@ -5,8 +5,8 @@
 //! [`shared_backplane`](crate::FusionCacheBuilder::shared_backplane)) and publishes through the shared
 //! multiplexed connection of its [`RedisConnection`]. The pub/sub connection is the library's own (RESP2,
 //! the same addresses, TLS settings and credentials as the command connection): it reads each message in
-//! place, its payload a slice of the socket's buffer, and hands it to the caches. It is watched (the stream ending;
-//! a PING when it has been quiet; a probe message on each quiet channel, see
+//! place, its payload a slice of the socket's buffer, and hands it to the caches. It is watched (the
+//! stream ending; a PING when it has been quiet; a probe message on each quiet channel, see
 //! [`PROBE_KEY`](super::PROBE_KEY)) so that a lost link is reported within
 //! [`RedisOptions::liveness_timeout`](crate::redis::RedisOptions::liveness_timeout), half-open connections
 //! and stalled servers included, and re-established with jittered exponential backoff; every subscription
