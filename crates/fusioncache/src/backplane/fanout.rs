@@ -76,14 +76,23 @@ impl ChannelSender {
         let Some(subscribers) = &self.subscribers else {
             return;
         };
-        let mut closed = false;
-        for s in subscribers.iter() {
-            closed |= !s.deliver(event.clone());
-        }
-        if closed {
+        if !deliver_all(subscribers, event) {
             self.fanout.prune();
         }
     }
+}
+
+/// Delivers `event` to each of `subscribers` (the last one gets it without a clone); `false` when one of
+/// them is gone.
+fn deliver_all(subscribers: &[Subscriber], event: BackplaneEvent) -> bool {
+    let Some((last, others)) = subscribers.split_last() else {
+        return true;
+    };
+    let mut open = true;
+    for s in others {
+        open &= s.deliver(event.clone());
+    }
+    open & last.deliver(event)
 }
 
 impl Fanout {
@@ -172,11 +181,7 @@ impl Fanout {
         let Some(subscribers) = self.lock().get(channel).cloned() else {
             return;
         };
-        let mut closed = false;
-        for s in subscribers.iter() {
-            closed |= !s.deliver(event.clone());
-        }
-        if closed {
+        if !deliver_all(&subscribers, event) {
             self.prune();
         }
     }

@@ -64,39 +64,51 @@ pub(crate) enum Verdict {
 }
 
 /// The end-to-end watch of one subscribed channel.
+///
+/// Hearing a message costs a store (the receive loops call [`heard_at`](Self::heard_at) for every
+/// message): the probe's jitter is drawn once per quiet spell, when a probe goes out.
 #[derive(Debug, Clone)]
 pub(crate) struct QuietChannel {
     liveness: Liveness,
     heard: Instant,
-    probe_at: Option<Instant>,
+    /// No probe sent since the channel was last heard.
+    probe_due: bool,
+    /// When, after `heard`, a quiet channel is probed.
+    probe_after: Duration,
 }
 
 impl QuietChannel {
     /// A channel that was just confirmed.
     pub fn new(liveness: Liveness) -> Self {
-        let now = Instant::now();
         Self {
             liveness,
-            heard: now,
-            probe_at: Some(now + liveness.probe_delay()),
+            heard: Instant::now(),
+            probe_due: true,
+            probe_after: liveness.probe_delay(),
         }
     }
 
     /// Something arrived on the channel (or it cannot be judged now, e.g. a probe could not be sent): start
-    /// over.
-    pub fn heard(&mut self) {
-        self.heard_at(Instant::now());
+    /// over. Returns whether the [`deadline`](Self::deadline) may have moved earlier (the first message
+    /// after a probe: a timer set for the old one must be set again).
+    pub fn heard(&mut self) -> bool {
+        self.heard_at(Instant::now())
     }
 
     /// [`heard`](Self::heard), at `now` (read once for a frame).
-    pub fn heard_at(&mut self, now: Instant) {
+    pub fn heard_at(&mut self, now: Instant) -> bool {
         self.heard = now;
-        self.probe_at = Some(now + self.liveness.probe_delay());
+        !std::mem::replace(&mut self.probe_due, true)
     }
 
-    /// When [`poll`](Self::poll) has something to say.
+    /// When [`poll`](Self::poll) has something to say (it may say nothing yet: the channel was heard
+    /// since the deadline was taken).
     pub fn deadline(&self) -> Instant {
-        self.probe_at.unwrap_or(self.heard + self.liveness.timeout)
+        if self.probe_due {
+            self.heard + self.probe_after
+        } else {
+            self.heard + self.liveness.timeout
+        }
     }
 
     /// What to do now.
@@ -104,8 +116,9 @@ impl QuietChannel {
         let now = Instant::now();
         if now >= self.heard + self.liveness.timeout {
             Verdict::Lost
-        } else if self.probe_at.is_some_and(|at| now >= at) {
-            self.probe_at = None;
+        } else if self.probe_due && now >= self.heard + self.probe_after {
+            self.probe_due = false;
+            self.probe_after = self.liveness.probe_delay();
             Verdict::Probe
         } else {
             Verdict::Wait
@@ -181,6 +194,20 @@ mod tests {
         ch.heard();
         assert_eq!(ch.poll(), Verdict::Wait);
         assert!(ch.deadline() > Instant::now() + Duration::from_millis(999));
+        // Heard again and again: still one probe per quiet spell, after the interval (jittered); only the
+        // first message after a probe brings the deadline closer.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!ch.heard(), "no probe out: the deadline only moves later");
+        assert_eq!(ch.poll(), Verdict::Wait);
+        tokio::time::sleep_until(ch.deadline()).await;
+        assert_eq!(ch.poll(), Verdict::Probe);
+        assert!(
+            ch.quiet_for() >= Duration::from_secs(1)
+                && ch.quiet_for() < Duration::from_millis(1500)
+        );
+        let waiting_for_the_bound = ch.deadline();
+        assert!(ch.heard(), "the probe came back: the deadline moves closer");
+        assert!(ch.deadline() < waiting_for_the_bound);
     }
 
     #[test]

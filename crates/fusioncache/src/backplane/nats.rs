@@ -643,6 +643,10 @@ impl Forwarder {
     async fn watch(&self, subscriber: &mut async_nats::Subscriber) -> String {
         let mut quiet = QuietChannel::new(self.liveness);
         let mut sender = self.subscriptions.sender(&self.subject);
+        // One timer, moved only when it fires: a message only pushes the watch's deadline later, and the
+        // watch says `Wait` when it fires early.
+        let timer = tokio::time::sleep_until(quiet.deadline());
+        tokio::pin!(timer);
         loop {
             tokio::select! {
                 biased;
@@ -650,29 +654,32 @@ impl Forwarder {
                     let Some(message) = message else {
                         return "subscription closed".into();
                     };
-                    quiet.heard();
+                    if quiet.heard() {
+                        timer.as_mut().reset(quiet.deadline());
+                    }
                     sender.send(BackplaneEvent::Message(message.payload));
                 }
-                () = tokio::time::sleep_until(quiet.deadline()) => {
+                () = &mut timer => {
                     if self.client.connection_state() != State::Connected {
                         quiet.heard();
-                        continue;
-                    }
-                    match quiet.poll() {
-                        Verdict::Wait => {}
-                        Verdict::Probe => {
-                            if self.client.publish(self.subject.clone(), self.probe.clone()).await.is_err() {
-                                quiet.heard();
+                    } else {
+                        match quiet.poll() {
+                            Verdict::Wait => {}
+                            Verdict::Probe => {
+                                if self.client.publish(self.subject.clone(), self.probe.clone()).await.is_err() {
+                                    quiet.heard();
+                                }
+                            }
+                            Verdict::Lost => {
+                                return format!(
+                                    "subject {} delivered nothing for {} ms, probe included",
+                                    self.subject,
+                                    quiet.quiet_for().as_millis()
+                                );
                             }
                         }
-                        Verdict::Lost => {
-                            return format!(
-                                "subject {} delivered nothing for {} ms, probe included",
-                                self.subject,
-                                quiet.quiet_for().as_millis()
-                            );
-                        }
                     }
+                    timer.as_mut().reset(quiet.deadline());
                 }
             }
         }

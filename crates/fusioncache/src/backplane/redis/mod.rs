@@ -362,16 +362,25 @@ impl Session {
         let mut alive_at = Instant::now();
         let mut pinged = false;
         let mut probes = tokio::task::JoinSet::new();
+        // One timer, set again after anything that may bring a deadline closer: not after a message, which
+        // pushes them later (a timer that fires early finds nothing to do), unless it is the first on its
+        // channel since a probe went out.
+        let timer = tokio::time::sleep_until(alive_at);
+        tokio::pin!(timer);
+        let mut rearm = true;
         loop {
-            let mut wake = alive_at + liveness.timeout;
-            if !pinged {
-                wake = wake.min(alive_at + liveness.interval);
-            }
-            if let Some(channel) = self.channels.values().map(|c| c.watch.deadline()).min() {
-                wake = wake.min(channel);
-            }
-            if let Some(pending) = self.pending.values().min() {
-                wake = wake.min(*pending);
+            if rearm {
+                let mut wake = alive_at + liveness.timeout;
+                if !pinged {
+                    wake = wake.min(alive_at + liveness.interval);
+                }
+                if let Some(channel) = self.channels.values().map(|c| c.watch.deadline()).min() {
+                    wake = wake.min(channel);
+                }
+                if let Some(pending) = self.pending.values().min() {
+                    wake = wake.min(*pending);
+                }
+                timer.as_mut().reset(wake);
             }
             let event = tokio::select! {
                 // Frames first: a timer that fires while frames wait (the cache was slow to take them) must
@@ -380,8 +389,10 @@ impl Session {
                 frame = self.conn.next() => Event::Frame(frame),
                 cmd = commands.recv() => Event::Subscribe(cmd),
                 sent = probes.join_next(), if !probes.is_empty() => Event::Probe(sent),
-                () = tokio::time::sleep_until(wake) => Event::Timer,
+                () = &mut timer => Event::Timer,
             };
+            // A message moves deadlines later, but for the first one after a probe on its channel (below).
+            rearm = !matches!(event, Event::Frame(Ok(Frame::Message { .. })));
             match event {
                 Event::Frame(Err(e)) => return Some(e),
                 Event::Frame(Ok(frame)) => {
@@ -394,7 +405,7 @@ impl Session {
                             };
                             // Probes too: subscribers (the cache, the CLI's probe) tell them apart by key.
                             if let Some(subscribed) = self.channels.get_mut(channel) {
-                                subscribed.watch.heard_at(now);
+                                rearm |= subscribed.watch.heard_at(now);
                                 subscribed.sender.send(BackplaneEvent::Message(payload));
                             }
                         }
