@@ -266,6 +266,23 @@ async fn an_acl_user_from_the_url_works_and_a_wrong_password_is_a_clear_error() 
     assert!(err.contains("distributed cache"), "{err}");
 }
 
+/// A node of cache `name` with its own connection to `url` (Redis L2 and backplane), opened with `options`.
+fn node_with(
+    url: &str,
+    options: &fusioncache::redis::RedisOptions,
+    name: &str,
+) -> fusioncache::FusionCache<String> {
+    let redis = fusioncache::redis::RedisConnection::open_with(url, options.clone()).unwrap();
+    fusioncache::FusionCache::<String>::builder()
+        .name(name)
+        .distributed_cache(fusioncache::l2::redis::RedisDistributedCache::new(
+            redis.clone(),
+        ))
+        .backplane(fusioncache::backplane::redis::RedisBackplane::new(redis))
+        .build()
+        .unwrap()
+}
+
 /// A redis-server listening with TLS only, its certificates (see `make_certificates`) in a new directory
 /// named after `name`; with `auth_clients`, every client must present a certificate of the CA. Returns the
 /// server, its `rediss://` URL and the directory.
@@ -298,18 +315,10 @@ async fn rediss_urls_connect_over_tls_with_a_custom_ca() {
         tls_ca_certificate: Some(dir.join("ca.crt")),
         ..fusioncache_integration_tests::fast_redis_options()
     };
-    let node = || {
-        let redis = fusioncache::redis::RedisConnection::open_with(&url, options.clone()).unwrap();
-        fusioncache::FusionCache::<String>::builder()
-            .name("tls")
-            .distributed_cache(fusioncache::l2::redis::RedisDistributedCache::new(
-                redis.clone(),
-            ))
-            .backplane(fusioncache::backplane::redis::RedisBackplane::new(redis))
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (node(), node());
+    let (a, b) = (
+        node_with(&url, &options, "tls"),
+        node_with(&url, &options, "tls"),
+    );
     connected(&[&a, &b]).await;
     a.set("k", s("secret")).await.unwrap();
     assert_eq!(b.get("k").await, Some(s("secret")));
@@ -345,17 +354,7 @@ async fn mutual_tls_carries_l2_and_the_backplane_and_refuses_a_node_without_a_ce
         tls_client_certificate: Some((dir.join("client.crt"), dir.join("client.key"))),
         ..fusioncache_integration_tests::fast_redis_options()
     };
-    let node = |options: &fusioncache::redis::RedisOptions| {
-        let redis = fusioncache::redis::RedisConnection::open_with(&url, options.clone()).unwrap();
-        fusioncache::FusionCache::<String>::builder()
-            .name("mtls")
-            .distributed_cache(fusioncache::l2::redis::RedisDistributedCache::new(
-                redis.clone(),
-            ))
-            .backplane(fusioncache::backplane::redis::RedisBackplane::new(redis))
-            .build()
-            .unwrap()
-    };
+    let node = |options: &fusioncache::redis::RedisOptions| node_with(&url, options, "mtls");
     let (a, b) = (node(&options), node(&options));
     connected(&[&a, &b]).await;
     a.set("k", s("v1")).await.unwrap();

@@ -382,16 +382,16 @@ where
     /// Drops the unusable entries, then the tag sets no entry points to any more.
     #[cold]
     fn sweep(&self, now: Instant) {
-        let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+        // `retain` takes a `Fn` and runs it on this thread: a `RefCell` collects what it sees.
+        let seen = std::cell::RefCell::new(std::collections::HashSet::new());
         self.cache.retain(|_, entry| {
             let usable = entry.is_usable(now);
             if let (true, Some(id)) = (usable, entry.tags) {
-                seen.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+                seen.borrow_mut().insert(id);
             }
             usable
         });
-        self.tags
-            .sweep_sets(&seen.into_inner().unwrap_or_else(|e| e.into_inner()));
+        self.tags.sweep_sets(&seen.into_inner());
     }
 }
 

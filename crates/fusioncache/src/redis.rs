@@ -311,14 +311,7 @@ fn build_client(
     if options.tls_ca_certificate.is_none() && options.tls_client_certificate.is_none() {
         return redis::Client::open(info);
     }
-    let read = |path: &PathBuf| {
-        std::fs::read(path).map_err(|e| {
-            redis::RedisError::from(std::io::Error::new(
-                e.kind(),
-                format!("cannot read TLS file {}: {e}", path.display()),
-            ))
-        })
-    };
+    let read = |path: &PathBuf| read_tls_file(path).map_err(redis::RedisError::from);
     let client_tls = match &options.tls_client_certificate {
         Some((cert, key)) => Some(redis::ClientTlsConfig {
             client_cert: read(cert)?,
@@ -341,9 +334,7 @@ fn build_client(
 fn tls_config(options: &RedisOptions) -> Result<Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let read = |path: &PathBuf| {
-        std::fs::read(path).map_err(|e| format!("cannot read TLS file {}: {e}", path.display()))
-    };
+    let read = |path: &PathBuf| read_tls_file(path).map_err(|e| e.to_string());
     let certificates = |path: &PathBuf| -> Result<Vec<CertificateDer<'static>>, String> {
         CertificateDer::pem_slice_iter(&read(path)?)
             .collect::<Result<_, _>>()
@@ -376,6 +367,16 @@ fn tls_config(options: &RedisOptions) -> Result<Arc<rustls::ClientConfig>, Strin
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
+}
+
+/// The contents of a TLS file of the options (the error names the file).
+fn read_tls_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot read TLS file {}: {e}", path.display()),
+        )
+    })
 }
 
 /// `info` with `password`.

@@ -189,13 +189,30 @@ impl Tags {
     pub fn set_id(&self, states: Option<&[Arc<TagState>]>) -> Option<TagSetId> {
         let states = states.filter(|s| !s.is_empty())?;
         let names: Box<[Box<str>]> = states.iter().map(|t| t.name.clone()).collect();
-        if let Some(id) = self.find_set(&names) {
-            return Some(id);
+        Some(
+            self.find_set(&names)
+                .unwrap_or_else(|| self.add_set(names, states)),
+        )
+    }
+
+    /// The id of the set of the tags named `tags` (`None` for none), added to the table if it is new.
+    pub fn set_of<S: AsRef<str>>(&self, tags: &[S]) -> Option<TagSetId> {
+        if tags.is_empty() {
+            return None;
         }
+        let names: Box<[Box<str>]> = tags.iter().map(|t| t.as_ref().into()).collect();
+        Some(self.find_set(&names).unwrap_or_else(|| {
+            let states: Vec<_> = tags.iter().map(|t| self.state(t.as_ref())).collect();
+            self.add_set(names, &states)
+        }))
+    }
+
+    /// Adds the set of `states`, named `names`, unless another caller just did.
+    fn add_set(&self, names: Box<[Box<str>]>, states: &[Arc<TagState>]) -> TagSetId {
         let mut sets = self.sets.write().unwrap_or_else(|e| e.into_inner());
         if let Some(&slot) = sets.by_names.get(&names) {
             let generation = sets.slots[slot as usize].generation;
-            return Some(TagSetId { slot, generation });
+            return TagSetId { slot, generation };
         }
         let slot = match sets.free.pop() {
             Some(slot) => slot,
@@ -209,17 +226,7 @@ impl Tags {
         entry.unseen = 0;
         let generation = entry.generation;
         sets.by_names.insert(names, slot);
-        Some(TagSetId { slot, generation })
-    }
-
-    /// The id of the set of the tags named `tags` (`None` for none), added to the table if it is new.
-    pub fn set_of<S: AsRef<str>>(&self, tags: &[S]) -> Option<TagSetId> {
-        if tags.is_empty() {
-            return None;
-        }
-        let names: Box<[Box<str>]> = tags.iter().map(|t| t.as_ref().into()).collect();
-        self.find_set(&names)
-            .or_else(|| self.set_id(self.states(tags).as_deref()))
+        TagSetId { slot, generation }
     }
 
     fn find_set(&self, names: &[Box<str>]) -> Option<TagSetId> {
